@@ -1,0 +1,150 @@
+"""Autoregressive generator: patches in raster order, a LLaMA-style causal transformer with 2-D
+rotary embeddings, and KV-cached sampling (one patch per step)."""
+import functools
+
+import torch
+import torch.nn as nn
+
+from models.layers import KVCache, PatchGenerator, attend, sampling_steps, split_heads
+
+
+@functools.lru_cache(maxsize=None)
+def rope_table(grid, head_dim, device):
+    """2-D rotary angles as a (1 + grid², head_dim/2, 2) table of (cos, sin).
+
+    Patch (i, j) gets head_dim/4 row angles i·f_k followed by head_dim/4 column angles j·f_k with
+    f_k = 10000^(−2k/(head_dim/2)). Row 0 (the condition token) is all zeros: its q and k vanish.
+    """
+    half = head_dim // 2
+    freqs = 1.0 / (10000 ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    angles_1d = torch.outer(torch.arange(grid).float(), freqs)                  # (grid, hd/4)
+    angles = torch.cat([angles_1d[:, None].expand(-1, grid, -1),                  # row angle
+                        angles_1d[None, :].expand(grid, -1, -1)], dim=-1)         # column angle
+    table = torch.stack([angles.cos(), angles.sin()], dim=-1).flatten(0, 1)       # (grid², hd/2, 2)
+    return torch.cat([torch.zeros(1, half, 2), table]).to(device)
+
+
+def apply_rope(x, table):
+    """Rotate adjacent pairs of x (b, t, heads, head_dim) by the angles of `table` (t, head_dim/2, 2)."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(3).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, cast back, then scaled (LLaMA's order)."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class RotaryAttention(nn.Module):
+    """Causal attention without biases, rotary q and k, residual dropout after the output projection."""
+
+    def __init__(self, dim, num_heads, resid_dropout=0.1):
+        super().__init__()
+        self.num_heads = num_heads
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.resid_dropout = nn.Dropout(resid_dropout)
+
+    def forward(self, x, rope, cache=None):
+        q, k, v = split_heads(self.wqkv(x), self.num_heads)
+        x = attend(apply_rope(q, rope), apply_rope(k, rope), v, causal=True, cache=cache)
+        return self.resid_dropout(self.wo(x))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) · w3 x), hidden size 8/3·dim rounded up to a multiple of 256."""
+
+    def __init__(self, dim, dropout=0.1, multiple_of=256):
+        super().__init__()
+        hidden = int(2 * 4 * dim / 3)
+        hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.ffn_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.ffn_dropout(self.w2(nn.functional.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    """LLaMA-style block. Its dropout is a fixed 0.1, as released (attn/proj dropout do not apply)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.attention = RotaryAttention(dim, num_heads)
+        self.feed_forward = FeedForward(dim)
+        self.attention_norm = RMSNorm(dim)
+        self.ffn_norm = RMSNorm(dim)
+
+    def forward(self, x, rope, cache=None):
+        x = x + self.attention(self.attention_norm(x), rope, cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class AR(PatchGenerator):
+    def __init__(self, seq_len, patch_size, cond_embed_dim, embed_dim, num_blocks, num_heads,
+                 grad_checkpointing=False, **unused):
+        super().__init__(seq_len, patch_size, cond_embed_dim, embed_dim, num_prefix=1,
+                         grad_checkpointing=grad_checkpointing)
+        head_dim = embed_dim // num_heads
+        if embed_dim % num_heads or head_dim % 4:
+            raise ValueError(f"AR needs embed_dim divisible by num_heads with a head dim divisible by 4 "
+                             f"(rotary pairs on rows and columns), got embed_dim {embed_dim}, heads {num_heads}")
+        self.head_dim = head_dim
+        self.blocks = nn.ModuleList([TransformerBlock(embed_dim, num_heads) for _ in range(num_blocks)])
+        self.initialize_weights()
+
+    def rope(self, device):
+        return rope_table(self.grid, self.head_dim, device)
+
+    def predict(self, x, cond_list):
+        """Teacher-forced conditions: [cond, patch_0 .. patch_{L-1}] in, the output at position t
+        conditions patch t. x: (n, seq_len, 3p²) patches. Returns [(n, seq_len, D)]."""
+        x = torch.cat([self.cond_emb(cond_list[0]).unsqueeze(1), self.patch_emb(x)], dim=1)
+        x = self.patch_emb_ln(x + self.pos_embed_learned)
+        x = self.norm(self.run_blocks(x, self.rope(x.device)))
+        return [x[:, :-1]]
+
+    def forward(self, imgs, cond_list):
+        """Returns every patch (n·seq_len, 3, p, p), its condition, and no guiding-pixel loss."""
+        patches = self.patchify(imgs)
+        cond = self.predict(patches, cond_list)[0]
+        p = self.patch_size
+        return patches.reshape(-1, 3, p, p), [cond.reshape(-1, cond.size(-1))], 0
+
+    def sample(self, cond_list, num_iter, cfg, cfg_schedule, temperature, filter_threshold,
+               next_level_sample_function, visualize=False):
+        """Raster order, one patch per step (num_iter is ignored, as released). With cfg != 1 the
+        conditions are [conditional; unconditional] and both halves share the sampled patches."""
+        cond = cond_list[0]
+        guided = cfg != 1.0
+        bsz = cond.size(0) // 2 if guided else cond.size(0)
+        rope = self.rope(cond.device)
+        caches = [KVCache(self.seq_len) for _ in self.blocks]
+        patches = torch.zeros(bsz, self.seq_len, 3 * self.patch_size ** 2, device=cond.device,
+                              dtype=self.pixel_dtype())
+        token = self.cond_emb(cond)
+        for step in sampling_steps(self.seq_len, visualize, "AR steps"):
+            x = self.patch_emb_ln(token.unsqueeze(1) + self.pos_embed_learned[:, step:step + 1])
+            for block, cache in zip(self.blocks, caches):
+                x = block(x, rope[step:step + 1], cache)
+            cfg_iter = 1 + (cfg - 1) * (step + 1) / self.seq_len if cfg_schedule == "linear" else cfg
+            patch = next_level_sample_function(cond_list=[self.norm(x)[:, 0]], cfg=cfg_iter,
+                                               temperature=temperature, filter_threshold=filter_threshold)
+            patches[:, step] = patch.reshape(bsz, -1)
+            if callable(visualize):
+                visualize(self.unpatchify(patches))
+            if step + 1 < self.seq_len:
+                token = self.patch_emb(torch.cat([patches[:, step]] * 2) if guided else patches[:, step])
+        return self.unpatchify(patches)

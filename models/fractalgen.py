@@ -1,0 +1,172 @@
+"""Fractal Generative Models (Li, Sun, Fan, He 2025): a generator built recursively from generators.
+
+Level l cuts its image into patches of the next level's size and, with an AR or MAR transformer,
+produces one condition per patch; level l+1 generates each patch from its condition; the last level
+is the per-pixel head. Level 0 also owns the class embedding and `fake_latent`, the "no class"
+embedding used for classifier-free guidance and for the (unconditional) NLL.
+"""
+from functools import partial
+
+import torch
+import torch.nn as nn
+
+from models.ar import AR
+from models.mar import MAR
+from models.pixelloss import PixelLoss
+
+GENERATORS = {"ar": AR, "mar": MAR}
+CFG_SCHEDULES = ("linear", "constant")
+
+
+def check_config(img_size_list, embed_dim_list, num_blocks_list, num_heads_list, generator_type_list, num_conds):
+    lists = dict(img_size_list=img_size_list, embed_dim_list=embed_dim_list, num_blocks_list=num_blocks_list,
+                 num_heads_list=num_heads_list, generator_type_list=generator_type_list)
+    lengths = {name: len(v) for name, v in lists.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"the per-level lists must have one entry per level, got lengths {lengths}")
+    if len(img_size_list) < 2 or img_size_list[-1] != 1:
+        raise ValueError(f"img_size_list must go down to 1 (the per-pixel level), got {list(img_size_list)}")
+    for size, next_size in zip(img_size_list, img_size_list[1:]):
+        if size % next_size:
+            raise ValueError(f"each image size must be a multiple of the next, got {list(img_size_list)}")
+    unknown = [t for t in generator_type_list[:-1] if t not in GENERATORS]
+    if unknown:
+        raise ValueError(f"unknown generator type(s) {unknown}; valid types: {sorted(GENERATORS)}")
+    for level in range(1, len(img_size_list) - 1):
+        if generator_type_list[level] == "mar" and generator_type_list[level - 1] == "ar" and num_conds > 1:
+            raise ValueError(f"level {level} is MAR with num_conds={num_conds}, but the AR level above it "
+                             "gives one condition per patch; use num_conds=1")
+
+
+class FractalGen(nn.Module):
+    def __init__(self, img_size_list, embed_dim_list, num_blocks_list, num_heads_list, generator_type_list,
+                 label_drop_prob=0.1, class_num=1000, attn_dropout=0.1, proj_dropout=0.1, guiding_pixel=False,
+                 num_conds=1, r_weight=1.0, grad_checkpointing=False, fractal_level=0):
+        super().__init__()
+        check_config(img_size_list, embed_dim_list, num_blocks_list, num_heads_list, generator_type_list, num_conds)
+        self.fractal_level = fractal_level
+        self.num_fractal_levels = len(img_size_list)
+        self.img_size = img_size_list[fractal_level]
+        level = fractal_level
+        if level == 0:
+            self.num_classes = class_num
+            self.label_drop_prob = label_drop_prob
+            self.class_emb = nn.Embedding(class_num, embed_dim_list[0])
+            self.fake_latent = nn.Parameter(torch.zeros(1, embed_dim_list[0]))
+            nn.init.normal_(self.class_emb.weight, std=0.02)
+            nn.init.normal_(self.fake_latent, std=0.02)
+
+        generator_kwargs = dict(
+            seq_len=(img_size_list[level] // img_size_list[level + 1]) ** 2, patch_size=img_size_list[level + 1],
+            cond_embed_dim=embed_dim_list[level - 1] if level > 0 else embed_dim_list[0],
+            embed_dim=embed_dim_list[level], num_blocks=num_blocks_list[level], num_heads=num_heads_list[level],
+            attn_dropout=attn_dropout, proj_dropout=proj_dropout, num_conds=num_conds,
+            guiding_pixel=guiding_pixel if level > 0 else False, grad_checkpointing=grad_checkpointing)
+        self.generator = GENERATORS[generator_type_list[level]](**generator_kwargs)
+
+        if level < self.num_fractal_levels - 2:
+            self.next_fractal = FractalGen(
+                img_size_list, embed_dim_list, num_blocks_list, num_heads_list, generator_type_list,
+                label_drop_prob=label_drop_prob, class_num=class_num, attn_dropout=attn_dropout,
+                proj_dropout=proj_dropout, guiding_pixel=guiding_pixel, num_conds=num_conds, r_weight=r_weight,
+                grad_checkpointing=grad_checkpointing, fractal_level=level + 1)
+        else:
+            self.next_fractal = PixelLoss(c_channels=embed_dim_list[level], width=embed_dim_list[level + 1],
+                                          depth=num_blocks_list[level + 1], num_heads=num_heads_list[level + 1],
+                                          r_weight=r_weight)
+
+    def check_inputs(self, imgs, labels):
+        size = self.img_size
+        if imgs.dim() != 4 or imgs.shape[1:] != (3, size, size):
+            raise ValueError(f"this model takes images of shape (n, 3, {size}, {size}), got {tuple(imgs.shape)}; "
+                             f"pass --img_size {size} or pick a model made for your image size")
+        if labels.shape != imgs.shape[:1]:
+            raise ValueError(f"expected one label per image ({imgs.size(0)}), got labels of shape {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}) (class_num={self.num_classes}), "
+                             f"got labels from {int(labels.min())} to {int(labels.max())}")
+
+    def forward(self, imgs, cond_list):
+        """Loss (nats per dim) of images `imgs`; at level 0 `cond_list` is the class labels.
+
+        In training each label is dropped to `fake_latent` with probability label_drop_prob; in eval
+        mode all are, so the eval loss is the unconditional NLL.
+        """
+        if self.fractal_level == 0:
+            self.check_inputs(imgs, cond_list)
+            class_embedding = self.class_emb(cond_list)
+            if self.training:
+                drop = torch.rand(imgs.size(0), 1, device=imgs.device) < self.label_drop_prob
+                class_embedding = torch.where(drop, self.fake_latent.to(class_embedding.dtype), class_embedding)
+            else:
+                class_embedding = self.fake_latent.expand(imgs.size(0), -1)
+            cond_list = [class_embedding] * 5
+        patches, cond_list, guiding_pixel_loss = self.generator(imgs, cond_list)
+        return self.next_fractal(patches, cond_list) + guiding_pixel_loss
+
+    def check_sample_args(self, cond_list, num_iter_list, cfg, cfg_schedule):
+        if len(num_iter_list) != self.num_fractal_levels - 1:
+            raise ValueError(f"num_iter_list needs one entry per generator level ({self.num_fractal_levels - 1}), "
+                             f"got {list(num_iter_list)}")
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+        if cfg != 1.0 and cond_list[0].size(0) % 2:
+            raise ValueError("with cfg != 1 the conditions must be [class embeddings; fake_latent copies] "
+                             f"(an even number of rows), got {cond_list[0].size(0)} rows")
+        if len(cond_list) < self.generator.__dict__.get("num_conds", 1):
+            raise ValueError(f"cond_list needs at least {self.generator.num_conds} conditions, got {len(cond_list)}")
+
+    def sample(self, cond_list, num_iter_list, cfg, cfg_schedule, temperature, filter_threshold, fractal_level,
+               visualize=False):
+        """Generate images, normalized, (n, 3, S, S), from level-0 conditions.
+
+        cond_list: class embeddings (with cfg != 1: [class embeddings; fake_latent copies]).
+        num_iter_list: steps per generator level (AR levels always take seq_len steps).
+        Inner levels use a constant schedule with the cfg the outer level passes for that step.
+        visualize: a callable given the partially generated image after each outer step, or True
+        for a progress bar.
+        """
+        if fractal_level == 0:
+            self.check_sample_args(cond_list, num_iter_list, cfg, cfg_schedule)
+        if fractal_level < self.num_fractal_levels - 2:
+            next_level_sample_function = partial(self.next_fractal.sample, num_iter_list=num_iter_list,
+                                                 cfg_schedule="constant", fractal_level=fractal_level + 1)
+        else:
+            next_level_sample_function = self.next_fractal.sample
+        return self.generator.sample(cond_list, num_iter_list[fractal_level], cfg, cfg_schedule, temperature,
+                                     filter_threshold, next_level_sample_function, visualize)
+
+
+# ----------------------------------------------------------------------------- configurations
+def _config(img_size_list, embed_dim_list, num_blocks_list, num_heads_list, generator_type_list):
+    def build(**kwargs):
+        return FractalGen(img_size_list=img_size_list, embed_dim_list=embed_dim_list,
+                          num_blocks_list=num_blocks_list, num_heads_list=num_heads_list,
+                          generator_type_list=generator_type_list, **kwargs)
+    return build
+
+
+# the five released models
+fractalar_in64 = _config((64, 4, 1), (1024, 512, 128), (32, 8, 3), (16, 8, 4), ("ar", "ar", "ar"))
+fractalmar_in64 = _config((64, 4, 1), (1024, 512, 128), (32, 8, 3), (16, 8, 4), ("mar", "mar", "ar"))
+fractalmar_base_in256 = _config((256, 16, 4, 1), (768, 384, 192, 64), (24, 6, 3, 1), (12, 6, 3, 4),
+                                ("mar", "mar", "mar", "ar"))
+fractalmar_large_in256 = _config((256, 16, 4, 1), (1024, 512, 256, 64), (32, 8, 4, 1), (16, 8, 4, 4),
+                                 ("mar", "mar", "mar", "ar"))
+fractalmar_huge_in256 = _config((256, 16, 4, 1), (1280, 640, 320, 64), (40, 10, 5, 1), (16, 8, 4, 4),
+                                ("mar", "mar", "mar", "ar"))
+# small ones for CPU work, tests and demos
+fractalar_tiny_in16 = _config((16, 4, 1), (128, 64, 32), (2, 2, 1), (4, 4, 2), ("ar", "ar", "ar"))
+fractalmar_tiny_in16 = _config((16, 4, 1), (128, 64, 32), (2, 2, 1), (4, 4, 2), ("mar", "mar", "ar"))
+fractalmar_small_in32 = _config((32, 4, 1), (256, 128, 64), (4, 2, 1), (4, 4, 4), ("mar", "mar", "ar"))
+
+MODELS = {fn_name: globals()[fn_name] for fn_name in (
+    "fractalar_in64", "fractalmar_in64", "fractalmar_base_in256", "fractalmar_large_in256", "fractalmar_huge_in256",
+    "fractalar_tiny_in16", "fractalmar_tiny_in16", "fractalmar_small_in32")}
+
+
+def build_model(name, **kwargs):
+    """The model of that name, e.g. build_model("fractalmar_in64", num_conds=5, class_num=1000)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    return MODELS[name](**kwargs)

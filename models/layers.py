@@ -1,0 +1,182 @@
+"""Pieces shared by the AR and MAR generators and the per-pixel head.
+
+Patchify, weight initialisation, float32 self-attention with an optional KV cache, the ViT block,
+and the base class that holds what every patch generator owns (embeddings, norms, blocks).
+"""
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@functools.lru_cache(maxsize=None)
+def imagenet_stats(device):
+    """ImageNet mean and std as float32 (3,) tensors on `device`, made once per device."""
+    return (torch.tensor(IMAGENET_MEAN, device=device), torch.tensor(IMAGENET_STD, device=device))
+
+
+# ----------------------------------------------------------------------------- patches
+def patchify(imgs, patch_size):
+    """(n, 3, h, w) -> (n, (h/p)(w/p), 3·p·p); patches in raster order, channel-major inside a patch."""
+    n, c, h, w = imgs.shape
+    p = patch_size
+    x = imgs.reshape(n, c, h // p, p, w // p, p)
+    x = torch.einsum("nchpwq->nhwcpq", x)
+    return x.reshape(n, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(patches, patch_size):
+    """Inverse of `patchify` for a square image."""
+    n, seq_len, _ = patches.shape
+    p, grid = patch_size, int(round(seq_len ** 0.5))
+    x = patches.reshape(n, grid, grid, 3, p, p)
+    x = torch.einsum("nhwcpq->nchpwq", x)
+    return x.reshape(n, 3, grid * p, grid * p)
+
+
+# ----------------------------------------------------------------------------- init
+def init_weights(module):
+    """The release's initialisation: xavier-uniform Linear weights, zero biases, unit norms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+# ----------------------------------------------------------------------------- attention
+class KVCache:
+    """Keys and values of the tokens seen so far, preallocated for `max_len` tokens.
+
+    Used for incremental decoding: the first call may hold several tokens (a prefix), later calls
+    one token each.
+    """
+
+    def __init__(self, max_len):
+        self.max_len, self.len = max_len, 0
+        self.k = self.v = None
+
+    def append(self, k, v):
+        """k, v: (b, heads, t, head_dim). Returns the keys and values of all tokens so far."""
+        if self.k is None:
+            shape = (*k.shape[:2], self.max_len, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        t = k.size(2)
+        self.k[:, :, self.len:self.len + t] = k
+        self.v[:, :, self.len:self.len + t] = v
+        self.len += t
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+
+
+def split_heads(qkv, num_heads):
+    """(b, t, 3·d) fused projection -> q, k, v, each (b, t, heads, head_dim)."""
+    b, t, _ = qkv.shape
+    return qkv.view(b, t, 3, num_heads, -1).unbind(2)
+
+
+def attend(q, k, v, causal=False, dropout_p=0.0, cache=None):
+    """Multi-head attention with float32 logits (as released, also under autocast).
+
+    q, k, v: (b, t, heads, head_dim). With a cache, tokens after the first call come one at a time,
+    so the newest token attends to every cached one and needs no mask. Returns (b, t, heads·head_dim).
+    """
+    b, t = q.shape[:2]
+    q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+    if cache is not None:
+        k, v = cache.append(k, v)
+    out_dtype = v.dtype
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p,
+                                             is_causal=causal and t > 1)
+    return out.to(out_dtype).transpose(1, 2).reshape(b, t, -1)
+
+
+class Attention(nn.Module):
+    """ViT-style attention (fused qkv with bias, output projection), optionally causal."""
+
+    def __init__(self, dim, num_heads, causal=False, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        self.num_heads, self.causal, self.attn_drop = num_heads, causal, attn_drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x, cache=None):
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
+        x = attend(q, k, v, self.causal, self.attn_drop if self.training else 0.0, cache)
+        return self.proj_drop(self.proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block (LayerNorm eps 1e-6, exact GELU MLP of ratio 4), used by MAR and PixelLoss."""
+
+    def __init__(self, dim, num_heads, causal=False, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, causal, attn_drop, proj_drop)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, hidden_features=4 * dim, act_layer=nn.GELU, drop=proj_drop)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.norm1(x), cache)
+        return x + self.mlp(self.norm2(x))
+
+
+# ----------------------------------------------------------------------------- generators
+class PatchGenerator(nn.Module):
+    """What every generator level owns: it cuts its image into `seq_len` patches of `patch_size`,
+    embeds them and `num_prefix` condition tokens, runs transformer blocks, and hands one
+    condition per patch to the next level.
+
+    Subclasses (AR, MAR) add `self.blocks` and their own predict / forward / sample.
+    """
+
+    def __init__(self, seq_len, patch_size, cond_embed_dim, embed_dim, num_prefix, grad_checkpointing):
+        super().__init__()
+        grid = int(round(seq_len ** 0.5))
+        if grid * grid != seq_len:
+            raise ValueError(f"seq_len must be a square number of patches, got {seq_len}")
+        self.seq_len, self.patch_size, self.grid = seq_len, patch_size, grid
+        self.grad_checkpointing = grad_checkpointing
+        self.pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len + num_prefix, embed_dim))
+        self.patch_emb = nn.Linear(3 * patch_size ** 2, embed_dim, bias=True)
+        self.patch_emb_ln = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.cond_emb = nn.Linear(cond_embed_dim, embed_dim, bias=True)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+    def initialize_weights(self):
+        nn.init.normal_(self.pos_embed_learned, std=0.02)
+        self.apply(init_weights)
+
+    def patchify(self, imgs):
+        return patchify(imgs, self.patch_size)
+
+    def unpatchify(self, patches):
+        return unpatchify(patches, self.patch_size)
+
+    def run_blocks(self, x, *args):
+        """The transformer blocks, with activation checkpointing in training when asked for."""
+        use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            x = checkpoint(block, x, *args, use_reentrant=False) if use_ckpt else block(x, *args)
+        return x
+
+    def pixel_dtype(self):
+        """Sampled pixels are kept in the model's parameter precision (float32 unless converted)."""
+        return self.patch_emb.weight.dtype
+
+
+def sampling_steps(num_steps, visualize, desc):
+    """The outer sampling loop's steps; `visualize=True` shows a progress bar (no IPython needed)."""
+    steps = range(num_steps)
+    return tqdm(steps, desc=desc, leave=False) if visualize is True else steps
+

@@ -1,0 +1,120 @@
+"""The per-pixel head: models a pixel's R, G, B as three 256-way categoricals, one after another.
+
+A tiny causal transformer reads [condition, r, g] and predicts r, g, b; the output layers are tied to
+the input codebooks (logits = h · codebookᵀ + bias), computed in float32.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.layers import Block, KVCache, imagenet_stats, init_weights
+
+
+class TiedLogits(nn.Module):
+    """Logits over the 256 intensities from a hidden state and the (tied) codebook."""
+
+    def __init__(self, vocab_size=256):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, vocab_size))
+
+    def forward(self, h, codebook_weight):
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return h.float() @ codebook_weight.float().t() + self.bias.float()
+
+
+def guided_logits(cond, uncond, cfg, filter_threshold):
+    """Classifier-free guidance on logits, as released.
+
+    Where the conditional probability is below `filter_threshold`, the unconditional logit is raised
+    to at least the conditional one (shifted to the same maximum), so guidance cannot promote
+    intensities the conditional model finds very unlikely.
+    """
+    unlikely = torch.softmax(cond, dim=-1) < filter_threshold
+    shifted = cond - cond.max(dim=-1, keepdim=True)[0] + uncond.max(dim=-1, keepdim=True)[0]
+    uncond = torch.where(unlikely, torch.maximum(uncond, shifted), uncond)
+    return uncond + cfg * (cond - uncond)
+
+
+class PixelLoss(nn.Module):
+    def __init__(self, c_channels, width, depth, num_heads, r_weight=1.0):
+        super().__init__()
+        self.r_weight = r_weight
+        self.cond_proj = nn.Linear(c_channels, width)
+        self.r_codebook = nn.Embedding(256, width)
+        self.g_codebook = nn.Embedding(256, width)
+        self.b_codebook = nn.Embedding(256, width)
+        self.ln = nn.LayerNorm(width, eps=1e-6)
+        self.blocks = nn.ModuleList([Block(width, num_heads, causal=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.r_mlm = TiedLogits(256)
+        self.g_mlm = TiedLogits(256)
+        self.b_mlm = TiedLogits(256)
+        for codebook in self.codebooks():
+            nn.init.normal_(codebook.weight, std=0.02)
+        self.apply(init_weights)
+
+    def codebooks(self):
+        return self.r_codebook, self.g_codebook, self.b_codebook
+
+    def heads(self):
+        return self.r_mlm, self.g_mlm, self.b_mlm
+
+    def to_intensities(self, pixels):
+        """Normalized (n, 3) pixels -> integer intensities 0..255. A little noise before rounding
+        keeps banker's rounding from skewing the distribution (as released)."""
+        mean, std = imagenet_stats(pixels.device)
+        x = (pixels.float() * std + mean) * 255
+        return (x + 1e-2 * torch.randn_like(x)).round().long()
+
+    def predict(self, target, cond_list):
+        """Teacher-forced logits (n, 3, 256) for normalized pixels `target` and the middle condition.
+
+        Returns (logits, integer targets). The b token is never an input: causal attention means
+        nothing it would produce is used.
+        """
+        target = self.to_intensities(target.reshape(target.size(0), 3))
+        x = torch.stack([self.cond_proj(cond_list[0]),
+                         self.r_codebook(target[:, 0]),
+                         self.g_codebook(target[:, 1])], dim=1)
+        x = self.ln(x)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        logits = torch.stack([head(x[:, c], codebook.weight)
+                              for c, (head, codebook) in enumerate(zip(self.heads(), self.codebooks()))], dim=1)
+        return logits, target
+
+    def forward(self, target, cond_list):
+        logits, target = self.predict(target, cond_list)
+        loss = F.cross_entropy(logits.reshape(-1, 256), target.reshape(-1), reduction="none").view(-1, 3)
+        if self.training:
+            loss = (self.r_weight * loss[:, 0] + loss[:, 1] + loss[:, 2]) / (self.r_weight + 2)
+        else:  # the NLL: every channel counts the same
+            loss = loss.mean(dim=1)
+        return loss.mean()
+
+    def sample(self, cond_list, temperature, cfg, filter_threshold=0):
+        """Draw R, then G, then B for each condition; returns normalized (n, 3) pixels.
+
+        With cfg != 1 the conditions are [conditional; unconditional] and n is half their number.
+        Logits are multiplied by `temperature`, as released. One token at a time with a KV cache.
+        """
+        cond = cond_list[0]
+        guided = cfg != 1.0
+        bsz = cond.size(0) // 2 if guided else cond.size(0)
+        mean, std = imagenet_stats(cond.device)
+        caches = [KVCache(3) for _ in self.blocks]
+        pixels = torch.empty(bsz, 3, device=cond.device)
+        token = self.cond_proj(cond)
+        for c, (head, codebook) in enumerate(zip(self.heads(), self.codebooks())):
+            h = self.ln(token).unsqueeze(1)
+            for block, cache in zip(self.blocks, caches):
+                h = block(h, cache)
+            logits = head(self.norm(h[:, 0]), codebook.weight) * temperature
+            if guided:
+                logits = guided_logits(logits[:bsz], logits[bsz:], cfg, filter_threshold)
+            ids = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1).reshape(-1)
+            pixels[:, c] = (ids.float() / 255 - mean[c]) / std[c]
+            if c < 2:
+                token = codebook(torch.cat([ids, ids]) if guided else ids)
+        return pixels
