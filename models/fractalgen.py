@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from models.ar import AR
+from models.layers import imagenet_stats
 from models.mar import MAR
 from models.pixelloss import PixelLoss
 
@@ -32,6 +33,8 @@ def check_config(img_size_list, embed_dim_list, num_blocks_list, num_heads_list,
     unknown = [t for t in generator_type_list[:-1] if t not in GENERATORS]
     if unknown:
         raise ValueError(f"unknown generator type(s) {unknown}; valid types: {sorted(GENERATORS)}")
+    if not 1 <= num_conds <= 5:
+        raise ValueError(f"num_conds must be 1..5 (the number of conditions a level passes down), got {num_conds}")
     for level in range(1, len(img_size_list) - 1):
         if generator_type_list[level] == "mar" and generator_type_list[level - 1] == "ar" and num_conds > 1:
             raise ValueError(f"level {level} is MAR with num_conds={num_conds}, but the AR level above it "
@@ -80,6 +83,11 @@ class FractalGen(nn.Module):
         if imgs.dim() != 4 or imgs.shape[1:] != (3, size, size):
             raise ValueError(f"this model takes images of shape (n, 3, {size}, {size}), got {tuple(imgs.shape)}; "
                              f"pass --img_size {size} or pick a model made for your image size")
+        mean, std = imagenet_stats(imgs.device)
+        lo, hi = imgs.detach().float().amin(dim=(0, 2, 3)), imgs.detach().float().amax(dim=(0, 2, 3))
+        if imgs.numel() and ((lo < (0 - mean) / std - 1e-3).any() or (hi > (1 - mean) / std + 1e-3).any()):
+            raise ValueError("images must be pixels in [0, 1] normalized with the ImageNet mean and std "
+                             f"(per-channel range found: {lo.tolist()} to {hi.tolist()})")
         if labels.shape != imgs.shape[:1]:
             raise ValueError(f"expected one label per image ({imgs.size(0)}), got labels of shape {tuple(labels.shape)}")
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):

@@ -3,6 +3,7 @@
 Patchify, weight initialisation, float32 self-attention with an optional KV cache, the ViT block,
 and the base class that holds what every patch generator owns (embeddings, norms, blocks).
 """
+import contextlib
 import functools
 
 import torch
@@ -77,6 +78,13 @@ class KVCache:
         return self.k[:, :, :self.len], self.v[:, :, :self.len]
 
 
+def float32_region(device):
+    """A region where autocast is off, so matmuls run in float32 (where the device has autocast)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def split_heads(qkv, num_heads):
     """(b, t, 3·d) fused projection -> q, k, v, each (b, t, heads, head_dim)."""
     b, t, _ = qkv.shape
@@ -94,7 +102,7 @@ def attend(q, k, v, causal=False, dropout_p=0.0, cache=None):
     if cache is not None:
         k, v = cache.append(k, v)
     out_dtype = v.dtype
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    with float32_region(q.device):
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p,
                                              is_causal=causal and t > 1)
     return out.to(out_dtype).transpose(1, 2).reshape(b, t, -1)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.layers import Block, KVCache, imagenet_stats, init_weights
+from models.layers import Block, KVCache, float32_region, imagenet_stats, init_weights
 
 
 class TiedLogits(nn.Module):
@@ -18,7 +18,7 @@ class TiedLogits(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, vocab_size))
 
     def forward(self, h, codebook_weight):
-        with torch.autocast(device_type=h.device.type, enabled=False):
+        with float32_region(h.device):
             return h.float() @ codebook_weight.float().t() + self.bias.float()
 
 
