@@ -1,0 +1,165 @@
+"""Distributed set-up, progress logging, checkpoints and results files."""
+import argparse
+import datetime
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(ValueError):
+    """A bad input or setting: reported as one line that says what to do, without a traceback."""
+
+
+# ----------------------------------------------------------------------------- distributed
+def init_distributed_mode(args):
+    """Set args.rank / world_size / gpu / distributed from torchrun, OpenMPI (--dist_on_itp) or SLURM;
+    a plain `python main_fractalgen.py` runs as one process. NCCL on CUDA, gloo on CPU."""
+    env = os.environ
+    if args.dist_on_itp:
+        args.rank, args.world_size = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
+        args.gpu = int(env["OMPI_COMM_WORLD_LOCAL_RANK"])
+        args.dist_url = f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+        env.update(LOCAL_RANK=str(args.gpu), RANK=str(args.rank), WORLD_SIZE=str(args.world_size))
+    elif "RANK" in env and "WORLD_SIZE" in env:
+        args.rank, args.world_size, args.gpu = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+    else:
+        args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
+        return
+    args.distributed = True
+    use_cuda = args.device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank)
+    dist.barrier()
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """Sum over ranks (in place), returning the tensor."""
+    if is_dist():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_ranks_ok(ok, device):
+    """True only if `ok` holds on every rank (so that all ranks stop together)."""
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    return all_reduce_sum(flag).item() == 0
+
+
+# ----------------------------------------------------------------------------- logging
+class ProgressLogger:
+    """Prints `header [step/total] eta loss lr img/s mem` every `print_freq` steps (rank 0 only)."""
+
+    def __init__(self, total, header, print_freq=20, batch_size=1):
+        self.total, self.header, self.print_freq, self.batch_size = total, header, print_freq, batch_size
+        self.start = self.last = time.time()
+        self.sums, self.count = {}, 0
+
+    def update(self, step, device, **values):
+        self.count += 1
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        if not is_main_process() or (step % self.print_freq and step != self.total - 1):
+            return
+        now = time.time()
+        per_step = (now - self.start) / (step + 1)
+        eta = datetime.timedelta(seconds=int(per_step * (self.total - step - 1)))
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
+        line = f"{self.header} [{step + 1}/{self.total}]  eta {eta}  {shown}  {self.batch_size / per_step:.1f} img/s"
+        if device.type == "cuda":
+            line += f"  mem {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MB"
+        print(line, flush=True)
+
+    def averages(self):
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+
+# ----------------------------------------------------------------------------- files
+def atomic_save(obj, path):
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(args, epoch, model_without_ddp, optimizer, scaler, name="last"):
+    """checkpoint-{name}.pth = {model, optimizer, epoch, scaler, args}, as released; rank 0 writes it."""
+    path = os.path.join(args.output_dir, f"checkpoint-{name}.pth")
+    if is_main_process():
+        atomic_save({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                     "epoch": epoch, "scaler": scaler.state_dict(), "args": args}, path)
+    return path
+
+
+def load_checkpoint(path):
+    """Read a checkpoint (ours or the release's); a truncated or foreign file is a UserError."""
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read means the same thing to the user
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        "it may be truncated: restore it or point --resume elsewhere") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{path} is not a FractalGen checkpoint (no 'model' entry)")
+    return ckpt
+
+
+def load_model_state(model, state_dict, path):
+    """Strict load with a message naming the keys that differ, for a checkpoint of another model."""
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state_dict.items()}
+    missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+    mismatched = sorted(k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k])
+    if missing or unexpected or mismatched:
+        def few(keys):
+            return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+        parts = [f"{label}: {few(keys)}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("shape differs", mismatched)) if keys]
+        raise UserError(f"checkpoint {path} does not match this model ({'; '.join(parts)}); "
+                        "check --model, --num_conds, --guiding_pixel and --class_num")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def update_results(output_dir, **results):
+    """Merge `results` into output_dir/results.json (rank 0, written atomically)."""
+    if not is_main_process():
+        return
+    path = os.path.join(output_dir, "results.json")
+    data = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    data.update(results)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
