@@ -1,0 +1,152 @@
+"""Training, resuming, NLL and generation through main_fractalgen.py, on CPU, with torchrun."""
+import argparse
+import glob
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main_fractalgen
+import util.misc as misc
+from util.crop import center_crop_arr
+from util.lr_sched import lr_at
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_ARGS = ["--model", "fractalmar_tiny_in16", "--img_size", "16", "--num_conds", "5", "--guiding_pixel",
+              "--class_num", "3", "--num_workers", "0", "--print_freq", "1"]
+
+
+def write_image_folder(root, per_class=(8, 2), size=20, classes=3):
+    """A tiny ImageFolder: class c is a noisy image dominated by colour channel c."""
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val"), per_class):
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f"class{c}"), exist_ok=True)
+            for i in range(n):
+                a = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+                a[..., c % 3] += 180
+                Image.fromarray(a).save(os.path.join(root, split, f"class{c}", f"{i}.png"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_image_folder(str(tmp_path_factory.mktemp("data")))
+
+
+def run(args, nproc=1, timeout=180):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+           if nproc > 1 else [sys.executable]) + ["main_fractalgen.py"] + args
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- pieces
+def test_lr_schedule():
+    args = argparse.Namespace(lr=1.0, min_lr=0.1, warmup_epochs=2, epochs=10, lr_schedule="cosine")
+    assert lr_at(0, args) == 0 and lr_at(1, args) == 0.5 and lr_at(2, args) == 1.0
+    assert lr_at(6, args) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(10, args) == pytest.approx(0.1)
+    args.lr_schedule = "constant"
+    assert lr_at(7.5, args) == 1.0
+
+
+def test_weight_decay_groups():
+    from models.fractalgen import build_model
+    model = build_model("fractalmar_tiny_in16", class_num=3, num_conds=5, guiding_pixel=True)
+    no_decay, decay = main_fractalgen.param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert "generator.blocks.0.attn.qkv.weight" in decay_names and "generator.pos_embed_learned" in decay_names
+    assert "fake_latent" in decay_names
+    assert "generator.norm.weight" in no_decay_names and "generator.blocks.0.attn.qkv.bias" in no_decay_names
+    assert "next_fractal.next_fractal.r_mlm.bias" in no_decay_names  # 2-D, but named *.bias
+    assert len(no_decay_names) + len(decay_names) == len(names)
+
+
+def test_adm_center_crop():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 500, 3), dtype=np.uint8))
+    out = center_crop_arr(img, 64)
+    assert out.size == (64, 64)
+    assert center_crop_arr(Image.new("RGB", (20, 30), (10, 200, 30)), 16).getpixel((8, 8)) == (10, 200, 30)
+
+
+def test_checkpoint_is_atomic_and_loads(tmp_path):
+    path = str(tmp_path / "checkpoint-last.pth")
+    misc.atomic_save({"model": {"w": torch.ones(2)}, "epoch": 3, "args": argparse.Namespace(a=1)}, path)
+    assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
+    assert misc.load_checkpoint(path)["epoch"] == 3
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(misc.UserError, match="truncated"):
+        misc.load_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_torchrun_train_resume_nll_and_tensorboard(data, tmp_path):
+    out = str(tmp_path / "out")
+    common = MODEL_ARGS + ["--data_path", data, "--output_dir", out, "--resume", out, "--batch_size", "4",
+                           "--warmup_epochs", "1", "--save_last_freq", "1"]
+    first = run(common + ["--epochs", "2"], nproc=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Training from epoch 0 to 2" in first.stdout
+    ckpt = torch.load(os.path.join(out, "checkpoint-last.pth"), map_location="cpu", weights_only=False)
+    assert set(ckpt) == {"model", "optimizer", "epoch", "scaler", "args"} and ckpt["epoch"] == 1
+    second = run(common + ["--epochs", "3"], nproc=2)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Resumed from" in second.stdout and "Training from epoch 2 to 3" in second.stdout
+    assert torch.load(os.path.join(out, "checkpoint-last.pth"), map_location="cpu", weights_only=False)["epoch"] == 2
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    scalars = set()
+    for events in glob.glob(os.path.join(out, "events.out.tfevents.*")):
+        acc = EventAccumulator(events, size_guidance={"scalars": 0})
+        acc.Reload()
+        scalars |= set(acc.Tags()["scalars"])
+    assert {"train_loss", "lr"} <= scalars
+
+    nll = run(common + ["--evaluate_nll", "--nll_bsz", "2", "--nll_forward_number", "2"], nproc=2)
+    assert nll.returncode == 0, nll.stderr[-3000:]
+    bpd = float(nll.stdout.split("BPD: ")[1].split()[0])
+    assert math.isfinite(bpd) and 0 < bpd < 20
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(data, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    argv = MODEL_ARGS + ["--data_path", data, "--output_dir", out, "--resume", out, "--batch_size", "8",
+                         "--warmup_epochs", "1"]
+    main_fractalgen.main(main_fractalgen.get_args_parser().parse_args(argv + ["--epochs", "1"]))
+    path = os.path.join(out, "checkpoint-last.pth")
+    before = open(path, "rb").read()
+    from models.fractalgen import FractalGen
+    real_forward = FractalGen.forward
+    monkeypatch.setattr(FractalGen, "forward", lambda self, x, y: real_forward(self, x, y) * float("nan"))
+    with pytest.raises(misc.UserError, match=r"loss is nan at epoch 1, step 0"):
+        main_fractalgen.main(main_fractalgen.get_args_parser().parse_args(argv + ["--epochs", "2"]))
+    assert open(path, "rb").read() == before
+
+
+BAD_INPUTS = [  # (extra arguments, message fragment)
+    (["--data_path", "/nonexistent"], "no train/ folder in --data_path"),
+    (["--class_num", "5"], "has 3 classes but --class_num is 5"),
+    (["--img_size", "32"], "pass --img_size 16"),
+    (["--model", "fractalmar_tiny"], "valid names:"),
+    (["--evaluate_gen", "--num_images", "7", "--fid_stats", "none"], "must be divisible by --class_num"),
+    (["--evaluate_gen", "--num_images", "6", "--fid_stats", "/nonexistent.npz"], "--fid_stats none"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_inputs_get_one_line_and_exit_2(data, tmp_path, extra, message):
+    args = MODEL_ARGS + ["--data_path", data, "--output_dir", str(tmp_path / "out"), "--epochs", "1"] + extra
+    # later flags win in argparse, so `extra` overrides the defaults above
+    result = run(args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
