@@ -99,6 +99,9 @@ def check_args(args):
     if args.evaluate_gen or args.online_eval:
         generation_labels(args.num_images, args.class_num)
         if args.fid_stats != "none":
+            if args.num_images < 10:
+                raise misc.UserError(f"the Inception Score uses 10 splits: scoring needs --num_images >= 10, got "
+                                     f"{args.num_images} (or pass --fid_stats none to generate without scoring)")
             from util.fid import load_fid_stats
             try:
                 load_fid_stats(args.fid_stats)

@@ -150,3 +150,35 @@ def test_bad_inputs_get_one_line_and_exit_2(data, tmp_path, extra, message):
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_torchrun_generation_writes_balanced_pngs_and_scores_offline(data, tmp_path):
+    """Train briefly, then generate with 2 processes and score FID/IS against statistics of the
+    training images, with a random-weight InceptionV3 saved here (no download)."""
+    from util.fid import compute_fid_stats, make_random_inception_weights
+    out = str(tmp_path / "out")
+    weights = make_random_inception_weights(str(tmp_path / "inception.pth"))
+    stats = str(tmp_path / "stats.npz")
+    compute_fid_stats(os.path.join(data, "train"), stats, torch.device("cpu"), inception_weights=weights)
+    common = MODEL_ARGS + ["--data_path", data, "--output_dir", out, "--resume", out]
+    assert run(common + ["--epochs", "1", "--batch_size", "8"]).returncode == 0
+    gen = run(common + ["--evaluate_gen", "--num_images", "12", "--gen_bsz", "3", "--num_iter_list", "4,2",
+                        "--cfg", "2.0", "--cfg_schedule", "linear", "--fid_stats", stats,
+                        "--fid_inception_weights", weights], nproc=2)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    folder = glob.glob(os.path.join(out, "ariter4-2-*"))[0]
+    assert sorted(os.listdir(folder)) == [f"{i:05d}.png" for i in range(12)]
+    assert all(Image.open(os.path.join(folder, f)).size == (16, 16) for f in os.listdir(folder))
+    fid = float(gen.stdout.split("FID: ")[1].split(",")[0])
+    inception = float(gen.stdout.split("Inception Score: ")[1].split()[0])
+    assert math.isfinite(fid) and fid > 0 and inception >= 1.0
+    import json
+    results = json.load(open(os.path.join(out, "results.json")))["generation"]
+    assert results["fid"] == pytest.approx(fid, abs=1e-3) and results["num_images"] == 12
+
+
+def test_generation_labels_are_class_balanced():
+    from engine_fractalgen import generation_labels
+    assert generation_labels(6, 3).tolist() == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(misc.UserError, match="divisible"):
+        generation_labels(7, 3)
