@@ -121,8 +121,9 @@ class FractalGen(nn.Module):
         if cfg != 1.0 and cond_list[0].size(0) % 2:
             raise ValueError("with cfg != 1 the conditions must be [class embeddings; fake_latent copies] "
                              f"(an even number of rows), got {cond_list[0].size(0)} rows")
-        if len(cond_list) < self.generator.__dict__.get("num_conds", 1):
-            raise ValueError(f"cond_list needs at least {self.generator.num_conds} conditions, got {len(cond_list)}")
+        num_conds = getattr(self.generator, "num_conds", 1)
+        if len(cond_list) < num_conds:
+            raise ValueError(f"cond_list needs at least {num_conds} conditions, got {len(cond_list)}")
 
     def sample(self, cond_list, num_iter_list, cfg, cfg_schedule, temperature, filter_threshold, fractal_level,
                visualize=False):

@@ -194,7 +194,7 @@ def test_no_hard_coded_cuda():
 @pytest.mark.parametrize("name", ["tiny_ar", "tiny_mar_gp"])
 def test_sampling_makes_nothing_off_the_input_device(name, request):
     """On the meta device any tensor created elsewhere (CPU masks, caches, noise) fails to combine."""
-    model, rec = request.getfixturevalue(name)
+    rec = request.getfixturevalue(name)[1]
     meta_model = load_fixture(name)[0].to("meta")
     with torch.no_grad():
         out = meta_model.sample(class_conditions(meta_model, rec["labels"][:2].to("meta"), 2.0), [4, 4], 2.0,
