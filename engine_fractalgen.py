@@ -3,13 +3,12 @@ import math
 import os
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 
 import util.lr_sched as lr_sched
 import util.misc as misc
-from models.layers import IMAGENET_MEAN, IMAGENET_STD
+from models.layers import imagenet_stats
 
 
 def autocast(device, precision):
@@ -78,9 +77,8 @@ def generation_labels(num_images, class_num):
 
 def to_uint8(images):
     """Normalized (n, 3, h, w) images -> uint8 (n, h, w, 3) arrays."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    pixels = ((images.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    mean, std = imagenet_stats(images.device)
+    pixels = ((images.float() * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)).clamp(0, 1) * 255).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
