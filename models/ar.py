@@ -5,7 +5,7 @@ import functools
 import torch
 import torch.nn as nn
 
-from models.layers import KVCache, PatchGenerator, attend, sampling_steps, split_heads
+from models.layers import KVCache, PatchGenerator, attend, guidance_batch, sampling_steps, split_heads
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,8 +128,7 @@ class AR(PatchGenerator):
         """Raster order, one patch per step (num_iter is ignored, as released). With cfg != 1 the
         conditions are [conditional; unconditional] and both halves share the sampled patches."""
         cond = cond_list[0]
-        guided = cfg != 1.0
-        bsz = cond.size(0) // 2 if guided else cond.size(0)
+        guided, bsz = guidance_batch(cond, cfg)
         rope = self.rope(cond.device)
         caches = [KVCache(self.seq_len) for _ in self.blocks]
         patches = torch.zeros(bsz, self.seq_len, 3 * self.patch_size ** 2, device=cond.device,

@@ -79,18 +79,24 @@ class FractalGen(nn.Module):
                                           r_weight=r_weight)
 
     def check_inputs(self, imgs, labels):
+        """Shapes, pixel range and label range; the value checks cost one host sync per call."""
         size = self.img_size
         if imgs.dim() != 4 or imgs.shape[1:] != (3, size, size):
             raise ValueError(f"this model takes images of shape (n, 3, {size}, {size}), got {tuple(imgs.shape)}; "
                              f"pass --img_size {size} or pick a model made for your image size")
-        mean, std = imagenet_stats(imgs.device)
-        lo, hi = imgs.detach().float().amin(dim=(0, 2, 3)), imgs.detach().float().amax(dim=(0, 2, 3))
-        if imgs.numel() and ((lo < (0 - mean) / std - 1e-3).any() or (hi > (1 - mean) / std + 1e-3).any()):
-            raise ValueError("images must be pixels in [0, 1] normalized with the ImageNet mean and std "
-                             f"(per-channel range found: {lo.tolist()} to {hi.tolist()})")
         if labels.shape != imgs.shape[:1]:
             raise ValueError(f"expected one label per image ({imgs.size(0)}), got labels of shape {tuple(labels.shape)}")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+        if not imgs.numel():
+            return
+        mean, std = imagenet_stats(imgs.device)
+        lo, hi = imgs.detach().float().amin(dim=(0, 2, 3)), imgs.detach().float().amax(dim=(0, 2, 3))
+        bad_pixels = (lo < (0 - mean) / std - 1e-3).any() | (hi > (1 - mean) / std + 1e-3).any()
+        bad_labels = (labels.min() < 0) | (labels.max() >= self.num_classes)
+        bad_pixels, bad_labels = torch.stack([bad_pixels, bad_labels]).tolist()
+        if bad_pixels:
+            raise ValueError("images must be pixels in [0, 1] normalized with the ImageNet mean and std "
+                             f"(per-channel range found: {lo.tolist()} to {hi.tolist()})")
+        if bad_labels:
             raise ValueError(f"labels must lie in [0, {self.num_classes}) (class_num={self.num_classes}), "
                              f"got labels from {int(labels.min())} to {int(labels.max())}")
 

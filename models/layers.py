@@ -183,6 +183,12 @@ class PatchGenerator(nn.Module):
         return self.patch_emb.weight.dtype
 
 
+def guidance_batch(cond, cfg):
+    """With cfg != 1 the conditions are [conditional; unconditional]: (guided, images to make)."""
+    guided = cfg != 1.0
+    return guided, cond.size(0) // 2 if guided else cond.size(0)
+
+
 def sampling_steps(num_steps, visualize, desc):
     """The outer sampling loop's steps; `visualize=True` shows a progress bar (no IPython needed)."""
     steps = range(num_steps)

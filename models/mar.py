@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models.layers import Block, PatchGenerator, sampling_steps
+from models.layers import Block, PatchGenerator, guidance_batch, sampling_steps
 from models.pixelloss import PixelLoss
 
 
@@ -97,10 +97,9 @@ class MAR(PatchGenerator):
         """Start fully masked; at each of min(seq_len, num_iter) steps predict the masked patches that
         the cosine schedule unmasks, in each sample's random order. With cfg != 1 the conditions are
         [conditional; unconditional] and both halves share patches and masks."""
-        guided = cfg != 1.0
+        guided, bsz = guidance_batch(cond_list[0], cfg)
         double = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
         device = cond_list[0].device
-        bsz = cond_list[0].size(0) // 2 if guided else cond_list[0].size(0)
         cond_list = list(cond_list)
         if self.guiding_pixel:
             cond_list.append(double(self.guiding_pixel_loss.sample(cond_list, temperature, cfg, filter_threshold)))

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.layers import Block, KVCache, float32_region, imagenet_stats, init_weights
+from models.layers import Block, KVCache, float32_region, guidance_batch, imagenet_stats, init_weights
 
 
 class TiedLogits(nn.Module):
@@ -100,8 +100,7 @@ class PixelLoss(nn.Module):
         Logits are multiplied by `temperature`, as released. One token at a time with a KV cache.
         """
         cond = cond_list[0]
-        guided = cfg != 1.0
-        bsz = cond.size(0) // 2 if guided else cond.size(0)
+        guided, bsz = guidance_batch(cond, cfg)
         mean, std = imagenet_stats(cond.device)
         caches = [KVCache(3) for _ in self.blocks]
         pixels = torch.empty(bsz, 3, device=cond.device)
