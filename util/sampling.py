@@ -1,0 +1,98 @@
+"""Load a checkpoint, sample chosen classes and lay the samples out as a picture (one row per class):
+what the demo and demo/run_fractalgen.ipynb share."""
+import os
+
+import torch
+import torchvision.utils as vutils
+
+import util.misc as misc
+from engine_fractalgen import autocast
+from models.fractalgen import build_model
+from models.layers import imagenet_stats
+
+# the released checkpoints' settings, for a checkpoint that does not carry its training `args`
+RELEASED = {  # name: (num_conds, guiding_pixel, default num_iter_list)
+    "fractalar_in64": (1, False, "64,16"), "fractalmar_in64": (5, False, "64,16"),
+    "fractalmar_base_in256": (5, True, "64,16,16"), "fractalmar_large_in256": (5, True, "64,16,16"),
+    "fractalmar_huge_in256": (5, True, "64,16,16")}
+
+
+def load_model(checkpoint_path, device="cpu", model_name=None):
+    """(model in eval mode on `device`, its settings) from a checkpoint written by main_fractalgen.py
+    or released with the paper.
+
+    The settings (model, class_num, num_conds, guiding_pixel, img_size, num_iter_list) come from the
+    checkpoint's `args`; a checkpoint without them needs `model_name`, one of the released models.
+    """
+    ckpt = misc.load_checkpoint(checkpoint_path)
+    args = ckpt.get("args")
+    if args is not None:
+        settings = dict(model=args.model, class_num=args.class_num, num_conds=args.num_conds,
+                        guiding_pixel=args.guiding_pixel, num_iter_list=args.num_iter_list)
+    elif model_name in RELEASED:
+        num_conds, guiding_pixel, num_iter_list = RELEASED[model_name]
+        settings = dict(model=model_name, class_num=1000, num_conds=num_conds, guiding_pixel=guiding_pixel,
+                        num_iter_list=num_iter_list)
+    else:
+        raise misc.UserError(f"{checkpoint_path} does not say which model it holds (no 'args'); pass model_name, "
+                             f"one of {', '.join(RELEASED)}")
+    model = build_model(settings["model"], class_num=settings["class_num"], num_conds=settings["num_conds"],
+                        guiding_pixel=settings["guiding_pixel"])
+    misc.load_model_state(model, ckpt["model"], checkpoint_path)
+    settings["img_size"] = model.img_size
+    return model.to(device).eval(), settings
+
+
+@torch.no_grad()
+def sample_classes(model, labels, num_iter_list, cfg=1.0, cfg_schedule="linear", temperature=1.0,
+                   filter_threshold=1e-4, precision="fp32", visualize=False):
+    """Images in [0, 1], (n, 3, S, S), one per entry of `labels`, on the model's device.
+
+    With cfg != 1 the batch is doubled with `fake_latent` rows, the unconditional half of
+    classifier-free guidance. visualize=True shows a progress bar over the outer steps.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+    if labels.dim() != 1 or not len(labels):
+        raise ValueError(f"labels must be a non-empty list of class indices, got {labels.tolist()}")
+    if labels.min() < 0 or labels.max() >= model.num_classes:
+        raise ValueError(f"class labels must lie in [0, {model.num_classes}) for this model, got {labels.tolist()}")
+    cond = model.class_emb(labels)
+    if cfg != 1.0:
+        cond = torch.cat([cond, model.fake_latent.repeat(len(labels), 1)])
+    with autocast(device, precision):
+        images = model.sample(cond_list=[cond] * 5, num_iter_list=list(num_iter_list), cfg=cfg,
+                              cfg_schedule=cfg_schedule, temperature=temperature,
+                              filter_threshold=filter_threshold, fractal_level=0, visualize=visualize)
+    mean, std = imagenet_stats(images.device)
+    return (images.float() * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)).clamp(0, 1)
+
+
+def class_grid(images, per_row, upscale=1):
+    """A (3, H, W) grid of `images` ((n, 3, S, S) in [0, 1]), `per_row` to a row, each image
+    enlarged `upscale` times with nearest neighbours so small samples stay crisp on screen."""
+    if upscale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=upscale, mode="nearest")
+    return vutils.make_grid(images.cpu(), nrow=per_row, padding=max(upscale, 2), pad_value=1.0)
+
+
+def save_sample_grid(model, path, num_iter_list, classes=None, per_class=8, cfg=1.0, cfg_schedule="linear",
+                     temperature=1.0, filter_threshold=1e-4, precision="fp32", seed=0, upscale=1):
+    """Sample `per_class` images of each class in `classes` (default: every class) and write
+    them to `path` as a PNG with one row per class; returns the (3, H, W) grid.
+
+    `seed` fixes the samples, so a rerun of the demo gives the same picture."""
+    classes = list(range(model.num_classes)) if classes is None else list(classes)
+    labels = torch.tensor(classes).repeat_interleave(per_class)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+        torch.manual_seed(seed)
+        device = next(model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+        images = sample_classes(model, labels, num_iter_list, cfg, cfg_schedule, temperature, filter_threshold,
+                                precision)
+    grid = class_grid(images, per_class, upscale)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    vutils.save_image(grid, path)
+    return grid
