@@ -1,0 +1,77 @@
+"""demo/run_fractalgen.ipynb runs headless against a tiny checkpoint and shows the samples."""
+import base64
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main_fractalgen
+import util.misc as misc
+from models.fractalgen import build_model
+from util.sampling import load_model
+
+nbformat = pytest.importorskip("nbformat", reason="pip install -r requirements-test.txt")
+nbclient = pytest.importorskip("nbclient", reason="pip install -r requirements-test.txt")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(ROOT, "demo", "run_fractalgen.ipynb")
+
+
+def tiny_checkpoint(path, with_args=True):
+    """A checkpoint as main_fractalgen.py writes it, of a tiny untrained 3-class model."""
+    args = main_fractalgen.get_args_parser().parse_args(
+        ["--model", "fractalmar_tiny_in16", "--img_size", "16", "--class_num", "3", "--num_conds", "5",
+         "--guiding_pixel", "--num_iter_list", "2,2"])
+    torch.manual_seed(0)
+    model = build_model(args.model, class_num=3, num_conds=5, guiding_pixel=True)
+    ckpt = {"model": model.state_dict(), "epoch": 0, **({"args": args} if with_args else {})}
+    torch.save(ckpt, path)
+    return str(path)
+
+
+def run_notebook(**parameters):
+    """Execute the notebook from demo/ with `parameters` set after its parameters cell (as papermill does)."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    tagged = [i for i, cell in enumerate(nb.cells) if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1, "the notebook needs exactly one cell tagged 'parameters'"
+    overrides = "\n".join(f"{name} = {value!r}" for name, value in parameters.items())
+    nb.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(overrides))
+    nbclient.NotebookClient(nb, timeout=180, kernel_name="python3",
+                            resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}}).execute()
+    return nb
+
+
+def test_notebook_samples_from_a_local_checkpoint(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "checkpoint-last.pth")
+    saved = tmp_path / "grid.png"
+    nb = run_notebook(checkpoint_path=ckpt, class_labels=[0, 2, 1], samples_per_class=2, num_iter_list="",
+                      cfg=2.0, temperature=1.0, seed=3, upscale=2, save_to=str(saved))
+    pngs = [out["data"]["image/png"] for cell in nb.cells if cell.cell_type == "code"
+            for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
+    assert len(pngs) == 1, "the notebook should show one picture of samples"
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(pngs[0]))).convert("RGB"))
+    assert shown.shape == (2 + 3 * 34, 2 + 2 * 34, 3)  # 3 classes × 2 samples, 16×16 upscaled ×2, padded
+    assert np.array_equal(shown, np.asarray(Image.open(saved)))
+    assert shown[2:34, 2:34].std() > 10  # samples, not a blank
+    text = "".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", []))
+    assert "fractalmar_tiny_in16" in text and "num_iter_list 2,2" in text  # settings read from the checkpoint
+    sources = "\n".join(cell.source for cell in nb.cells)
+    assert ".cuda()" not in sources and "torch.cuda.is_available()" in sources
+
+
+def test_notebook_says_when_the_checkpoint_is_missing(tmp_path):
+    with pytest.raises(nbclient.exceptions.CellExecutionError, match="no checkpoint at .*Quick start"):
+        run_notebook(checkpoint_path=str(tmp_path / "nowhere.pth"))
+
+
+def test_load_model_needs_a_name_without_args(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "bare.pth", with_args=False)
+    with pytest.raises(misc.UserError, match="pass model_name, one of fractalar_in64"):
+        load_model(ckpt)
+    model, settings = load_model(tiny_checkpoint(tmp_path / "full.pth"))
+    assert settings == dict(model="fractalmar_tiny_in16", class_num=3, num_conds=5, guiding_pixel=True,
+                            num_iter_list="2,2", img_size=16)
+    assert not model.training
