@@ -1,8 +1,10 @@
 """The training, NLL and generation loops."""
+import json
 import math
 import os
 import time
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -17,34 +19,48 @@ def autocast(device, precision):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, device, epoch, log_writer, args):
+def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, device, epoch, log_writer, args,
+                    steps_per_epoch, consumed=0):
+    """One epoch, or its rest when resumed mid-epoch after `consumed` images (over all ranks). With --save_every_steps N,
+    checkpoint-last.pth is refreshed every N steps with what is needed to continue from the next step."""
     model.train()
-    steps = len(data_loader)
-    logger = misc.ProgressLogger(steps, f"Epoch [{epoch}]", args.print_freq, args.batch_size * misc.get_world_size())
-    for step, (samples, labels) in enumerate(data_loader):
-        lr = lr_sched.adjust_learning_rate(optimizer, step / steps + epoch, args)
-        samples = samples.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
+    world = misc.get_world_size()
+    first_step = consumed // (args.batch_size * world)
+    logger = misc.ProgressLogger(steps_per_epoch, f"Epoch [{epoch}]", args.print_freq, args.batch_size * world,
+                                 first_step)
+    for i, (samples, labels) in enumerate(data_loader):
+        step = first_step + i
+        lr = lr_sched.adjust_learning_rate(optimizer, step / steps_per_epoch + epoch, args)
         with autocast(device, args.precision):
-            loss = model(samples, labels)
+            loss = model(samples.to(device, non_blocking=True), labels.to(device, non_blocking=True))
         loss_value = loss.item()
-        if not misc.all_ranks_ok(math.isfinite(loss_value), device):
+        if not misc.all_ranks_ok(math.isfinite(loss_value), device):  # all ranks stop before any update
             raise misc.UserError(f"the loss is {loss_value} at epoch {epoch}, step {step}; training stopped and "
                                  f"the last good checkpoint in {args.output_dir} is unchanged. Lower --blr, "
                                  "raise --warmup_epochs, or use --precision bf16/fp32")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        apply_gradients(loss, model, optimizer, scaler, args.grad_clip)
         logger.update(step, device, loss=loss_value, lr=lr)
         if log_writer is not None:
-            epoch_1000x = int((step / steps + epoch) * 1000)
+            epoch_1000x = int((step / steps_per_epoch + epoch) * 1000)
             log_writer.add_scalar("train_loss", loss_value, epoch_1000x)
             log_writer.add_scalar("lr", lr, epoch_1000x)
+        done = step + 1
+        if args.save_every_steps and done % args.save_every_steps == 0 and done < steps_per_epoch:
+            resume_at = {"epoch": epoch, "step": done,
+                         "consumed": consumed + (i + 1) * args.batch_size * world}
+            misc.save_checkpoint(args, model_without_ddp, optimizer, scaler, epoch - 1, device, resume_at)
     return logger.averages()
+
+
+def apply_gradients(loss, model, optimizer, scaler, grad_clip):
+    """Backward through the (scaled) loss, clip the gradient norm, step the optimizer."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 @torch.no_grad()
@@ -88,35 +104,105 @@ def generation_folder(args):
                                          f"image{args.num_images}-res{args.img_size}")
 
 
+def weights_fingerprint(model):
+    """A number that changes with any weight: tells whether a folder's images came from this model."""
+    sums = [(i + 1) * t.detach().double().sum() for i, t in enumerate(model.state_dict().values())]
+    return f"{torch.stack(sums).sum().item():.12e}"
+
+
+def is_valid_png(path, size):
+    """An image file that decodes completely to size×size RGB (a killed writer leaves no such file)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.size == (size, size) and img.mode == "RGB"
+    except (OSError, ValueError):
+        return False
+
+
+def prepare_generation_folder(folder, model_without_ddp, args):
+    """Rank 0: make the folder, drop half-written files, and if its images came from other weights
+    (an earlier checkpoint, e.g. the previous --online_eval), remove them; record these weights."""
+    if not misc.is_main_process():
+        return
+    os.makedirs(folder, exist_ok=True)
+    manifest_path = os.path.join(folder, "generation.json")
+    manifest = {"model": args.model, "weights": weights_fingerprint(model_without_ddp)}
+    old = json.load(open(manifest_path)) if os.path.exists(manifest_path) else None
+    pngs = [f for f in os.listdir(folder) if f.endswith(".png")]
+    stale = [f for f in os.listdir(folder) if f.endswith(".tmp")] + (pngs if old != manifest else [])
+    if old != manifest and pngs:
+        print(f"Removing {len(pngs)} images in {folder}: they came from other weights", flush=True)
+    for f in stale:
+        os.remove(os.path.join(folder, f))
+    with open(manifest_path + ".tmp", "w") as f:
+        json.dump(manifest, f)
+    os.replace(manifest_path + ".tmp", manifest_path)
+
+
+def batch_seed(seed, first_index):
+    """The random seed of the batch starting at image `first_index`: a batch's images depend only on
+    (seed, batch, device), not on the number of ranks or on which batches were generated before."""
+    return int(np.random.SeedSequence([seed, first_index]).generate_state(1)[0])
+
+
 @torch.no_grad()
 def generate(model_without_ddp, args, device):
-    """Write num_images class-balanced PNGs (batches of gen_bsz shared out over ranks); returns the
-    folder and seconds per image."""
+    """Make sure the folder holds num_images class-balanced PNGs: images already there and valid are
+    kept, the batches with missing or broken ones are generated again (with their own seeds, so the
+    same images come out). Returns the folder and seconds per generated image."""
     model_without_ddp.eval()
     folder = generation_folder(args)
-    os.makedirs(folder, exist_ok=True)
+    prepare_generation_folder(folder, model_without_ddp, args)
+    misc.barrier()
     labels = generation_labels(args.num_images, args.class_num)
     num_iter_list = [int(n) for n in args.num_iter_list.split(",")]
-    batches = list(range(0, args.num_images, args.gen_bsz))[misc.get_rank()::misc.get_world_size()]
-    start = time.time()
-    for i, first in enumerate(batches):
+    my_batches = list(range(0, args.num_images, args.gen_bsz))[misc.get_rank()::misc.get_world_size()]
+    todo, kept = [], 0
+    for first in my_batches:
+        missing = [i for i in range(first, min(first + args.gen_bsz, args.num_images))
+                   if not is_valid_png(os.path.join(folder, f"{i:05d}.png"), args.img_size)]
+        kept += min(args.gen_bsz, args.num_images - first) - len(missing)
+        if missing:
+            todo.append((first, set(missing)))
+    kept = int(misc.all_reduce_sum(torch.tensor([kept], device=device)).item())
+    if misc.is_main_process():
+        print(f"Generation: kept {kept} of {args.num_images} images already in {folder}; "
+              f"generating {args.num_images - kept}", flush=True)
+    start, made = time.time(), 0
+    for n, (first, missing) in enumerate(todo):
         idx = torch.arange(first, min(first + args.gen_bsz, args.num_images))
-        y = labels[idx].to(device)
-        emb = model_without_ddp.class_emb(y)
+        images = sample_batch(model_without_ddp, labels[idx].to(device), num_iter_list, args, device,
+                              batch_seed(args.seed, first))
+        for index, img in zip(idx.tolist(), images):
+            if index in missing:
+                write_png(img, os.path.join(folder, f"{index:05d}.png"))
+        made += len(missing)
+        if misc.is_main_process():
+            print(f"Generation: batch {n + 1}/{len(todo)} on this rank, "
+                  f"{(time.time() - start) / made:.3f} s/image", flush=True)
+    misc.barrier()
+    return folder, (time.time() - start) / max(made, 1)
+
+
+def sample_batch(model_without_ddp, labels, num_iter_list, args, device, seed):
+    """uint8 images of the given classes, drawn from `seed` without touching the training RNG."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        emb = model_without_ddp.class_emb(labels)
         if args.cfg != 1.0:
-            emb = torch.cat([emb, model_without_ddp.fake_latent.repeat(y.size(0), 1)])
+            emb = torch.cat([emb, model_without_ddp.fake_latent.repeat(labels.size(0), 1)])
         with autocast(device, args.precision):
             images = model_without_ddp.sample(cond_list=[emb] * 5, num_iter_list=num_iter_list, cfg=args.cfg,
                                               cfg_schedule=args.cfg_schedule, temperature=args.temperature,
                                               filter_threshold=args.filter_threshold, fractal_level=0)
-        for index, img in zip(idx.tolist(), to_uint8(images)):
-            Image.fromarray(img).save(os.path.join(folder, f"{index:05d}.png"))
-        if misc.is_main_process():
-            print(f"Generation: batch {i + 1}/{len(batches)} on this rank, "
-                  f"{(time.time() - start) / (i + 1) / len(idx):.3f} s/image", flush=True)
-    misc.barrier()
-    seconds_per_image = (time.time() - start) / max(args.num_images / misc.get_world_size(), 1)
-    return folder, seconds_per_image
+    return to_uint8(images)
+
+
+def write_png(pixels, path):
+    """Save through a temporary name, so a killed process never leaves a half-written image."""
+    Image.fromarray(pixels).save(path + ".tmp", format="PNG")
+    os.replace(path + ".tmp", path)
 
 
 def evaluate_gen(model_without_ddp, args, device, epoch, log_writer):
@@ -125,7 +211,7 @@ def evaluate_gen(model_without_ddp, args, device, epoch, log_writer):
     results = {"images": folder, "num_images": args.num_images, "seconds_per_image": seconds_per_image,
                "epoch": epoch}
     if misc.is_main_process():
-        print(f"Generated {args.num_images} images in {folder} ({seconds_per_image:.3f} s/image per rank)")
+        print(f"{args.num_images} images in {folder} ({seconds_per_image:.3f} s per generated image and rank)")
         if args.fid_stats != "none":
             from util.fid import compute_fid_is
             scores = compute_fid_is(folder, args.fid_stats, device, inception_weights=args.fid_inception_weights)

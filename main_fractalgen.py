@@ -10,15 +10,11 @@ import time
 
 import numpy as np
 import torch
-import torchvision.datasets as datasets
-import torchvision.transforms as transforms
-from torch.utils.data import DataLoader, DistributedSampler
 
 import util.misc as misc
 from engine_fractalgen import evaluate_gen, evaluate_nll, generation_labels, train_one_epoch
 from models.fractalgen import build_model
-from models.layers import IMAGENET_MEAN, IMAGENET_STD
-from util.crop import center_crop_arr
+from util.data import eval_loader, image_folder, train_loader
 
 
 def get_args_parser():
@@ -37,6 +33,9 @@ def get_args_parser():
     p.add_argument("--label_drop_prob", default=0.1, type=float)
     p.add_argument("--eval_freq", type=int, default=40)
     p.add_argument("--save_last_freq", type=int, default=5)
+    p.add_argument("--save_every_steps", type=int, default=0,
+                   help="also refresh checkpoint-last.pth every N steps inside an epoch (0 = off); resuming "
+                        "continues from the step after it")
     p.add_argument("--online_eval", action="store_true")
     p.add_argument("--evaluate_gen", action="store_true")
     p.add_argument("--evaluate_nll", action="store_true")
@@ -85,7 +84,7 @@ def get_args_parser():
     return p
 
 
-# ----------------------------------------------------------------------------- checks and data
+# ----------------------------------------------------------------------------- checks
 def check_args(args):
     """Everything that can be checked before long work starts."""
     if args.precision is None:
@@ -107,35 +106,6 @@ def check_args(args):
                 load_fid_stats(args.fid_stats)
             except ValueError as e:
                 raise misc.UserError(f"{e} (or pass --fid_stats none to generate without scoring)") from None
-
-
-def image_folder(args, split, train):
-    root = os.path.join(args.data_path, split)
-    if not os.path.isdir(root):
-        raise misc.UserError(f"no {split}/ folder in --data_path {args.data_path}: expected an ImageFolder tree "
-                             f"{args.data_path}/{split}/<class>/<image>")
-    steps = [transforms.Lambda(lambda img: center_crop_arr(img, args.img_size))]
-    steps += [transforms.RandomHorizontalFlip()] if train else []
-    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    try:
-        dataset = datasets.ImageFolder(root, transform=transforms.Compose(steps))
-    except FileNotFoundError as e:
-        raise misc.UserError(f"{e}; every class folder in {root} needs at least one image") from None
-    if len(dataset.classes) != args.class_num:
-        raise misc.UserError(f"{root} has {len(dataset.classes)} classes but --class_num is {args.class_num}; "
-                             "set --class_num to match the data")
-    return dataset
-
-
-def data_loader(dataset, args, batch_size, train):
-    if args.distributed and train:
-        sampler = DistributedSampler(dataset, num_replicas=misc.get_world_size(), rank=misc.get_rank(), shuffle=True)
-    elif args.distributed:  # evaluation: every image once, no padding, so sums over ranks are exact
-        sampler = list(range(misc.get_rank(), len(dataset), misc.get_world_size()))
-    else:
-        sampler = torch.utils.data.RandomSampler(dataset) if train else None
-    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
-                      pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=train)
 
 
 def build(args):
@@ -164,6 +134,35 @@ def param_groups(model, weight_decay):
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+def checkpoint_to_resume(args, training):
+    """The checkpoint in --resume (None for a fresh run), read and checked before anything is written.
+    A fresh training run never overwrites a checkpoint already in --output_dir."""
+    path = os.path.join(args.resume, "checkpoint-last.pth") if args.resume else ""
+    found = bool(path) and os.path.exists(path)
+    if not found and not training:
+        raise misc.UserError(f"evaluation needs a trained model: no checkpoint-last.pth in --resume {args.resume!r}")
+    ours = os.path.join(args.output_dir, "checkpoint-last.pth")
+    if training and os.path.exists(ours) and not (found and os.path.samefile(path, ours)):
+        raise misc.UserError(f"{ours} exists from an earlier run; pass --resume {args.output_dir} to continue "
+                             "it, or choose another --output_dir")
+    return (path, misc.load_checkpoint(path)) if found else (None, None)
+
+
+def restore_training_state(ckpt, optimizer, scaler, device):
+    """Optimizer, scaler and random state from a checkpoint; returns (epoch to run, images of that
+    epoch already trained on). A release checkpoint holding only `model` starts at epoch 0."""
+    if "optimizer" not in ckpt or "epoch" not in ckpt:
+        return 0, 0
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if not misc.restore_rng_states(ckpt.get("rng"), device) and "rng" in ckpt:
+        print_rank0("The number of processes changed since the checkpoint: random state not restored")
+    if "resume_at" in ckpt:
+        return ckpt["resume_at"]["epoch"], ckpt["resume_at"]["consumed"]
+    return ckpt["epoch"] + 1, 0
+
+
 # ----------------------------------------------------------------------------- main
 def main(args):
     misc.init_distributed_mode(args)
@@ -173,69 +172,70 @@ def main(args):
     np.random.seed(args.seed + misc.get_rank())
     training = not (args.evaluate_gen or args.evaluate_nll)
     model = build(args)
-    dataset_train = image_folder(args, "train", train=True) if training else None
-    dataset_val = image_folder(args, "val", train=False) if args.evaluate_nll else None
+    dataset_train = image_folder(args.data_path, "train", args.img_size, args.class_num) if training else None
+    dataset_val = image_folder(args.data_path, "val", args.img_size, args.class_num) if args.evaluate_nll else None
+    ckpt_path, ckpt = checkpoint_to_resume(args, training)
+    if ckpt is not None:
+        misc.load_model_state(model, ckpt["model"], ckpt_path)
+    world, rank = misc.get_world_size(), misc.get_rank()
+    pin_memory = args.pin_mem and device.type == "cuda"
+    if training:
+        loader = train_loader(dataset_train, args.batch_size, args.num_workers, pin_memory, world, rank, args.seed)
+        steps_per_epoch = len(loader)
+        if steps_per_epoch == 0:
+            raise misc.UserError(f"--batch_size {args.batch_size} × {world} process(es) is larger than the "
+                                 f"{len(dataset_train)} training images; lower --batch_size")
+
+    # every check has passed: from here on, output_dir is written
     os.makedirs(args.output_dir, exist_ok=True)
     model.to(device)
     model_without_ddp = model
-    if misc.is_main_process():
-        print(f"Model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-              f"device {device}, {misc.get_world_size()} process(es), precision {args.precision}")
-
-    eff_batch_size = args.batch_size * misc.get_world_size()
+    print_rank0(f"Model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+                f"device {device}, {world} process(es), precision {args.precision}")
     if args.lr is None:
-        args.lr = args.blr * eff_batch_size / 256
+        args.lr = args.blr * args.batch_size * world / 256
     optimizer = torch.optim.AdamW(param_groups(model_without_ddp, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-
-    checkpoint_path = os.path.join(args.resume, "checkpoint-last.pth") if args.resume else ""
-    if checkpoint_path and os.path.exists(checkpoint_path):
-        ckpt = misc.load_checkpoint(checkpoint_path)
-        misc.load_model_state(model_without_ddp, ckpt["model"], checkpoint_path)
-        args.checkpoint_epoch = ckpt.get("epoch", 0)
-        if training and "optimizer" in ckpt and "epoch" in ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if "scaler" in ckpt and ckpt["scaler"]:
-                scaler.load_state_dict(ckpt["scaler"])
-            args.start_epoch = ckpt["epoch"] + 1
-        if misc.is_main_process():
-            print(f"Resumed from {checkpoint_path} (epoch {ckpt.get('epoch', 'n/a')})")
-    elif args.evaluate_gen or args.evaluate_nll:
-        raise misc.UserError(f"evaluation needs a trained model: no checkpoint-last.pth in --resume {args.resume!r}")
+    start_epoch, consumed, ckpt_epoch = args.start_epoch, 0, None
+    if ckpt is not None:
+        ckpt_epoch = ckpt.get("epoch", 0)
+        if training:
+            start_epoch, consumed = restore_training_state(ckpt, optimizer, scaler, device)
+        where = (f"inside epoch {ckpt['resume_at']['epoch']}, at step {ckpt['resume_at']['step']}"
+                 if "resume_at" in ckpt else f"after epoch {ckpt.get('epoch', 'n/a')}")
+        print_rank0(f"Resumed from {ckpt_path} ({where})")
+        del ckpt
 
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-
     log_writer = None
     if misc.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
         log_writer = SummaryWriter(log_dir=args.log_dir)
 
     if args.evaluate_nll:
-        bpd = evaluate_nll(model, data_loader(dataset_val, args, args.nll_bsz, train=False), device, args)
-        if misc.is_main_process():
-            print(f"BPD: {bpd:.5f}")
+        bpd = evaluate_nll(model, eval_loader(dataset_val, args.nll_bsz, args.num_workers, pin_memory, world, rank),
+                           device, args)
+        print_rank0(f"BPD: {bpd:.5f}")
         misc.update_results(args.output_dir, nll={"bpd": bpd, "images": len(dataset_val),
                                                   "forward_number": args.nll_forward_number})
     if args.evaluate_gen:
-        evaluate_gen(model_without_ddp, args, device, args.checkpoint_epoch, log_writer)
+        evaluate_gen(model_without_ddp, args, device, ckpt_epoch, log_writer)
     if not training:
         return
 
-    loader = data_loader(dataset_train, args, args.batch_size, train=True)
-    if len(loader) == 0:
-        raise misc.UserError(f"--batch_size {args.batch_size} × {misc.get_world_size()} process(es) is larger than "
-                             f"the {len(dataset_train)} training images; lower --batch_size")
-    print_rank0(f"Training from epoch {args.start_epoch} to {args.epochs}, lr {args.lr:.3g}, "
-                f"{len(loader)} steps per epoch")
+    first_step = f" (step {consumed // (args.batch_size * world)})" if consumed else ""
+    print_rank0(f"Training from epoch {start_epoch}{first_step} to {args.epochs}, lr {args.lr:.3g}, "
+                f"{steps_per_epoch} steps per epoch")
     start = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        if args.distributed:
-            loader.sampler.set_epoch(epoch)
-        train_one_epoch(model, model_without_ddp, loader, optimizer, scaler, device, epoch, log_writer, args)
-        if epoch % args.save_last_freq == 0 or epoch + 1 == args.epochs:
-            misc.save_checkpoint(args, epoch, model_without_ddp, optimizer, scaler)
+    for epoch in range(start_epoch, args.epochs):
+        epoch_consumed = consumed if epoch == start_epoch else 0
+        loader.sampler.set_epoch(epoch, epoch_consumed)
+        train_one_epoch(model, model_without_ddp, loader, optimizer, scaler, device, epoch, log_writer, args,
+                        steps_per_epoch, epoch_consumed)
+        if epoch % args.save_last_freq == 0 or epoch + 1 == args.epochs or args.save_every_steps:
+            misc.save_checkpoint(args, model_without_ddp, optimizer, scaler, epoch, device)
         if args.online_eval and (epoch % args.eval_freq == 0 or epoch + 1 == args.epochs):
             evaluate_gen(model_without_ddp, args, device, epoch, log_writer)
         if log_writer is not None:

@@ -1,7 +1,11 @@
 """Small things several test files need."""
 import os
+import subprocess
+import sys
 
+import numpy as np
 import torch
+from PIL import Image
 
 from models.layers import IMAGENET_MEAN, IMAGENET_STD
 
@@ -34,3 +38,28 @@ def pixel_head(model):
     while not hasattr(head, "r_codebook"):
         head = head.next_fractal
     return head
+
+
+# ----------------------------------------------------------------------------- runs of main_fractalgen.py
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_ARGS = ["--model", "fractalmar_tiny_in16", "--img_size", "16", "--num_conds", "5", "--guiding_pixel",
+              "--class_num", "3", "--num_workers", "0", "--print_freq", "1"]
+
+
+def write_image_folder(root, per_class=(8, 2), size=20, classes=3):
+    """A tiny ImageFolder: class c is a noisy image dominated by colour channel c."""
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val"), per_class):
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f"class{c}"), exist_ok=True)
+            for i in range(n):
+                a = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+                a[..., c % 3] += 180
+                Image.fromarray(a).save(os.path.join(root, split, f"class{c}", f"{i}.png"))
+    return root
+
+
+def run(args, nproc=1, timeout=180):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+           if nproc > 1 else [sys.executable]) + ["main_fractalgen.py"] + args
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)

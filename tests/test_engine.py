@@ -3,8 +3,6 @@ import argparse
 import glob
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,36 +11,14 @@ from PIL import Image
 
 import main_fractalgen
 import util.misc as misc
+from helpers import MODEL_ARGS, run, write_image_folder
 from util.crop import center_crop_arr
 from util.lr_sched import lr_at
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL_ARGS = ["--model", "fractalmar_tiny_in16", "--img_size", "16", "--num_conds", "5", "--guiding_pixel",
-              "--class_num", "3", "--num_workers", "0", "--print_freq", "1"]
-
-
-def write_image_folder(root, per_class=(8, 2), size=20, classes=3):
-    """A tiny ImageFolder: class c is a noisy image dominated by colour channel c."""
-    rng = np.random.default_rng(0)
-    for split, n in zip(("train", "val"), per_class):
-        for c in range(classes):
-            os.makedirs(os.path.join(root, split, f"class{c}"), exist_ok=True)
-            for i in range(n):
-                a = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-                a[..., c % 3] += 180
-                Image.fromarray(a).save(os.path.join(root, split, f"class{c}", f"{i}.png"))
-    return root
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_image_folder(str(tmp_path_factory.mktemp("data")))
-
-
-def run(args, nproc=1, timeout=180):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-           if nproc > 1 else [sys.executable]) + ["main_fractalgen.py"] + args
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -97,7 +73,8 @@ def test_torchrun_train_resume_nll_and_tensorboard(data, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Training from epoch 0 to 2" in first.stdout
     ckpt = torch.load(os.path.join(out, "checkpoint-last.pth"), map_location="cpu", weights_only=False)
-    assert set(ckpt) == {"model", "optimizer", "epoch", "scaler", "args"} and ckpt["epoch"] == 1
+    assert set(ckpt) == {"model", "optimizer", "epoch", "scaler", "args", "rng"} and ckpt["epoch"] == 1
+    assert len(ckpt["rng"]) == 2  # every rank's random state
     second = run(common + ["--epochs", "3"], nproc=2)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Resumed from" in second.stdout and "Training from epoch 2 to 3" in second.stdout
@@ -132,26 +109,6 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(data, tmp_path, monkeypatch)
     assert open(path, "rb").read() == before
 
 
-BAD_INPUTS = [  # (extra arguments, message fragment)
-    (["--data_path", "/nonexistent"], "no train/ folder in --data_path"),
-    (["--class_num", "5"], "has 3 classes but --class_num is 5"),
-    (["--img_size", "32"], "pass --img_size 16"),
-    (["--model", "fractalmar_tiny"], "valid names:"),
-    (["--evaluate_gen", "--num_images", "7", "--fid_stats", "none"], "must be divisible by --class_num"),
-    (["--evaluate_gen", "--num_images", "6", "--fid_stats", "/nonexistent.npz"], "--fid_stats none"),
-]
-
-
-@pytest.mark.parametrize("extra,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
-def test_bad_inputs_get_one_line_and_exit_2(data, tmp_path, extra, message):
-    args = MODEL_ARGS + ["--data_path", data, "--output_dir", str(tmp_path / "out"), "--epochs", "1"] + extra
-    # later flags win in argparse, so `extra` overrides the defaults above
-    result = run(args)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-
-
 def test_torchrun_generation_writes_balanced_pngs_and_scores_offline(data, tmp_path):
     """Train briefly, then generate with 2 processes and score FID/IS against statistics of the
     training images, with a random-weight InceptionV3 saved here (no download)."""
@@ -167,8 +124,8 @@ def test_torchrun_generation_writes_balanced_pngs_and_scores_offline(data, tmp_p
                         "--fid_inception_weights", weights], nproc=2)
     assert gen.returncode == 0, gen.stderr[-3000:]
     folder = glob.glob(os.path.join(out, "ariter4-2-*"))[0]
-    assert sorted(os.listdir(folder)) == [f"{i:05d}.png" for i in range(12)]
-    assert all(Image.open(os.path.join(folder, f)).size == (16, 16) for f in os.listdir(folder))
+    assert sorted(os.listdir(folder)) == [f"{i:05d}.png" for i in range(12)] + ["generation.json"]
+    assert all(Image.open(os.path.join(folder, f"{i:05d}.png")).size == (16, 16) for i in range(12))
     fid = float(gen.stdout.split("FID: ")[1].split(",")[0])
     inception = float(gen.stdout.split("Inception Score: ")[1].split()[0])
     assert math.isfinite(fid) and fid > 0 and inception >= 1.0

@@ -36,7 +36,11 @@ def init_distributed_mode(args):
     if use_cuda:
         torch.cuda.set_device(args.gpu)
         args.device = f"cuda:{args.gpu}"
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method=args.dist_url,
+    # torchrun keeps one key-value store across the restarts of --max-restarts; keys of the attempt
+    # that died (such as a dead worker's address) would be read as current, so each attempt gets its own
+    store, _, _ = next(dist.rendezvous(args.dist_url, rank=args.rank, world_size=args.world_size))
+    store = dist.PrefixStore(f"fractalgen/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=store,
                             world_size=args.world_size, rank=args.rank)
     dist.barrier()
 
@@ -79,8 +83,9 @@ def all_ranks_ok(ok, device):
 class ProgressLogger:
     """Prints `header [step/total] eta loss lr img/s mem` every `print_freq` steps (rank 0 only)."""
 
-    def __init__(self, total, header, print_freq=20, batch_size=1):
+    def __init__(self, total, header, print_freq=20, batch_size=1, first_step=0):
         self.total, self.header, self.print_freq, self.batch_size = total, header, print_freq, batch_size
+        self.first_step = first_step  # a resumed epoch starts here: speed and eta count from it
         self.start = self.last = time.time()
         self.sums, self.count = {}, 0
 
@@ -91,7 +96,7 @@ class ProgressLogger:
         if not is_main_process() or (step % self.print_freq and step != self.total - 1):
             return
         now = time.time()
-        per_step = (now - self.start) / (step + 1)
+        per_step = (now - self.start) / (step + 1 - self.first_step)
         eta = datetime.timedelta(seconds=int(per_step * (self.total - step - 1)))
         shown = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
         line = f"{self.header} [{step + 1}/{self.total}]  eta {eta}  {shown}  {self.batch_size / per_step:.1f} img/s"
@@ -106,17 +111,53 @@ class ProgressLogger:
 # ----------------------------------------------------------------------------- files
 def atomic_save(obj, path):
     """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for stale in os.listdir(folder):  # left by a writer that was killed: the next write replaces them
+        if stale.startswith(f"{name}.tmp."):
+            os.remove(os.path.join(folder, stale))
     tmp = f"{path}.tmp.{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def save_checkpoint(args, epoch, model_without_ddp, optimizer, scaler, name="last"):
-    """checkpoint-{name}.pth = {model, optimizer, epoch, scaler, args}, as released; rank 0 writes it."""
-    path = os.path.join(args.output_dir, f"checkpoint-{name}.pth")
+def rng_states(device):
+    """This rank's random state (dropout, label drop, MAR masks), gathered from every rank."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    if not is_dist():
+        return [state]
+    states = [None] * get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_states(states, device):
+    """Put back this rank's random state from a checkpoint; False if the number of ranks changed."""
+    if not states or len(states) != get_world_size():
+        return False
+    state = states[get_rank()]
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    return True
+
+
+def save_checkpoint(args, model_without_ddp, optimizer, scaler, epoch, device, resume_at=None):
+    """output_dir/checkpoint-last.pth, written atomically by rank 0 (every rank must call it).
+
+    The release's keys {model, optimizer, epoch, scaler, args}, with `epoch` the last finished epoch,
+    so the release resumes it at the next whole epoch; plus every rank's random state and, for a
+    checkpoint taken inside an epoch, `resume_at` = {epoch, step, consumed}: the epoch under way, the
+    step to run next and how many of the epoch's images all ranks have trained on."""
+    path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    rng = rng_states(device)
     if is_main_process():
-        atomic_save({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                     "epoch": epoch, "scaler": scaler.state_dict(), "args": args}, path)
+        ckpt = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "scaler": scaler.state_dict(), "args": args, "rng": rng}
+        if resume_at is not None:
+            ckpt["resume_at"] = resume_at
+        atomic_save(ckpt, path)
     return path
 
 
