@@ -3,6 +3,9 @@ import argparse
 import glob
 import math
 import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +14,7 @@ from PIL import Image
 
 import main_fractalgen
 import util.misc as misc
-from helpers import MODEL_ARGS, run, write_image_folder
+from helpers import MODEL_ARGS, ROOT, run, write_image_folder
 from util.crop import center_crop_arr
 from util.lr_sched import lr_at
 
@@ -139,3 +142,34 @@ def test_generation_labels_are_class_balanced():
     assert generation_labels(6, 3).tolist() == [0, 0, 1, 1, 2, 2]
     with pytest.raises(misc.UserError, match="divisible"):
         generation_labels(7, 3)
+
+
+LAUNCHERS = {  # the variables SLURM's srun and OpenMPI's mpirun give each process
+    "slurm": lambda rank: {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2"},
+    "openmpi": lambda rank: {"OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": "2",
+                             "OMPI_COMM_WORLD_LOCAL_RANK": str(rank)},
+}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_slurm_and_openmpi_start_two_processes(data, tmp_path, launcher):
+    """Two processes started as srun / mpirun would start them share the NLL evaluation."""
+    from models.fractalgen import build_model
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    model = build_model("fractalmar_tiny_in16", class_num=3, num_conds=5, guiding_pixel=True)
+    misc.atomic_save({"model": model.state_dict()}, os.path.join(out, "checkpoint-last.pth"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    argv = MODEL_ARGS + ["--data_path", data, "--output_dir", out, "--resume", out, "--evaluate_nll",
+                         "--nll_bsz", "2"] + (["--dist_on_itp"] if launcher == "openmpi" else [])
+    procs = [subprocess.Popen([sys.executable, "main_fractalgen.py"] + argv, cwd=ROOT, text=True,
+                              env={**env, **LAUNCHERS[launcher](rank)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for rank in range(2)]
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
+    assert "2 process(es)" in outputs[0] and "BPD: " in outputs[0] and "BPD: " not in outputs[1]
+    assert 0 < float(outputs[0].split("BPD: ")[1].split()[0]) < 20
