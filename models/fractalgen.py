@@ -77,6 +77,9 @@ class FractalGen(nn.Module):
             self.next_fractal = PixelLoss(c_channels=embed_dim_list[level], width=embed_dim_list[level + 1],
                                           depth=num_blocks_list[level + 1], num_heads=num_heads_list[level + 1],
                                           r_weight=r_weight)
+        if hasattr(self.generator, "num_conds_out"):  # MAR: compute and pass down only what the next level reads
+            next_generator = getattr(self.next_fractal, "generator", None)
+            self.generator.num_conds_out = getattr(next_generator, "num_conds", 1)
 
     def check_inputs(self, imgs, labels):
         """Shapes, pixel range and label range; the value checks cost one host sync per call."""
@@ -154,10 +157,12 @@ class FractalGen(nn.Module):
 
 # ----------------------------------------------------------------------------- configurations
 def _config(img_size_list, embed_dim_list, num_blocks_list, num_heads_list, generator_type_list):
+    config = dict(img_size_list=img_size_list, embed_dim_list=embed_dim_list, num_blocks_list=num_blocks_list,
+                  num_heads_list=num_heads_list, generator_type_list=generator_type_list)
+
     def build(**kwargs):
-        return FractalGen(img_size_list=img_size_list, embed_dim_list=embed_dim_list,
-                          num_blocks_list=num_blocks_list, num_heads_list=num_heads_list,
-                          generator_type_list=generator_type_list, **kwargs)
+        return FractalGen(**config, **kwargs)
+    build.config = config  # the architecture as constructor arguments (benchmarks rebuild it in other checkouts)
     return build
 
 

@@ -124,6 +124,17 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+def take_rows(x, rows):
+    """Tokens `rows` of x (b, t, ...): a slice (kept as (b, r, ...)), a (b, t) bool mask (flattened to
+    (m, ...), row-major) or (b, r) indices (gathered to (b, r, ...))."""
+    if isinstance(rows, slice):
+        return x[:, rows]
+    if rows.dtype == torch.bool:
+        return x[rows]
+    index = rows.reshape(*rows.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, index)
+
+
 class Block(nn.Module):
     """Pre-norm ViT block (LayerNorm eps 1e-6, exact GELU MLP of ratio 4), used by MAR and PixelLoss."""
 
@@ -134,8 +145,14 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, hidden_features=4 * dim, act_layer=nn.GELU, drop=proj_drop)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.norm1(x), cache)
+    def forward(self, x, cache=None, rows=None):
+        """With `rows` (see take_rows), only those tokens' outputs are computed; every token still
+        serves as key and value. The last block of a level uses this when only some outputs are read:
+        the output projection and the MLP, 3/4 of a block's matmuls, are skipped for the rest."""
+        h = self.attn(self.norm1(x), cache)
+        if rows is not None:
+            x, h = take_rows(x, rows), take_rows(h, rows)
+        x = x + h
         return x + self.mlp(self.norm2(x))
 
 
@@ -171,11 +188,17 @@ class PatchGenerator(nn.Module):
     def unpatchify(self, patches):
         return unpatchify(patches, self.patch_size)
 
-    def run_blocks(self, x, *args):
-        """The transformer blocks, with activation checkpointing in training when asked for."""
+    def run_blocks(self, x, *args, rows=None):
+        """The transformer blocks, with activation checkpointing in training when asked for.
+        `rows`: the tokens whose outputs are wanted from the last block (Block.forward); None for all."""
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            x = checkpoint(block, x, *args, use_reentrant=False) if use_ckpt else block(x, *args)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            kwargs = {"rows": rows} if rows is not None and i == last else {}
+            if use_ckpt:
+                x = checkpoint(block, x, *args, use_reentrant=False, **kwargs)
+            else:
+                x = block(x, *args, **kwargs)
         return x
 
     def pixel_dtype(self):

@@ -1,19 +1,33 @@
 """Masked autoregressive generator: a bidirectional transformer predicts the conditions of masked
 patches; sampling unmasks them in a random order on a cosine schedule."""
+import functools
 import math
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from models.layers import Block, PatchGenerator, guidance_batch, sampling_steps
+from models.layers import Block, PatchGenerator, guidance_batch, sampling_steps, take_rows
 from models.pixelloss import PixelLoss
+
+
+@functools.lru_cache(maxsize=None)
+def neighbour_table(grid, device):
+    """(5, grid²) positions of each patch itself and of the patch above, to the right, below, to the
+    left; grid² (a zero row appended to the outputs) where there is none."""
+    i, j = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    none = grid * grid
+    table = [i * grid + j,
+             torch.where(i > 0, (i - 1) * grid + j, none), torch.where(j < grid - 1, i * grid + j + 1, none),
+             torch.where(i < grid - 1, (i + 1) * grid + j, none), torch.where(j > 0, i * grid + j - 1, none)]
+    return torch.stack(table).reshape(5, -1).to(device)
 
 
 class MAR(PatchGenerator):
     def __init__(self, seq_len, patch_size, cond_embed_dim, embed_dim, num_blocks, num_heads,
                  attn_dropout, proj_dropout, num_conds=1, guiding_pixel=False, grad_checkpointing=False):
         self.num_conds, self.guiding_pixel = num_conds, bool(guiding_pixel)
+        self.num_conds_out = 5  # conditions the next level reads; FractalGen lowers it for a head or AR
         self.num_prefix = num_conds + self.guiding_pixel
         super().__init__(seq_len, patch_size, cond_embed_dim, embed_dim, num_prefix=self.num_prefix,
                          grad_checkpointing=grad_checkpointing)
@@ -49,31 +63,76 @@ class MAR(PatchGenerator):
         return ranks < num_masked
 
     # ------------------------------------------------------------------ network
+    def prefix_tokens(self, cond_list):
+        """The condition tokens in front of the patches: [guiding pixel], cond_{k-1} .. cond_0.
+        They do not change while sampling, so the sampler embeds them once."""
+        prefix = [self.cond_emb(cond_list[i]) for i in reversed(range(self.num_conds))]
+        if self.guiding_pixel:
+            prefix.insert(0, self.pix_proj(cond_list[-1]))
+        return torch.stack(prefix, dim=1)
+
+    def encode(self, x, mask, prefix, rows=None):
+        """Transformer outputs of the patch positions. x: (n, seq_len, 3p²) patches, mask: (n, seq_len),
+        true where a patch is hidden, prefix: prefix_tokens(). `rows` (patch positions, see take_rows)
+        limits the last block to the outputs that are read. Returns (n, seq_len, D) or those rows."""
+        x = self.patch_emb(x)
+        x = torch.where(mask.bool()[..., None], self.mask_token.to(x.dtype), x)
+        x = torch.cat([prefix.to(x.dtype), x], dim=1)
+        x = self.patch_emb_ln(x + self.pos_embed_learned)
+        if rows is None:
+            rows = slice(self.num_prefix, None)
+        elif isinstance(rows, torch.Tensor) and rows.dtype == torch.bool:
+            rows = torch.cat([rows.new_zeros(rows.size(0), self.num_prefix), rows], dim=1)
+        else:
+            rows = rows + self.num_prefix
+        return self.norm(self.run_blocks(x, rows=rows))
+
+    def padded_outputs(self, out, rows=None):
+        """Outputs of patch positions `rows` (None: all; see take_rows) put back in place in an
+        (n, seq_len + 1, D) tensor, zeros elsewhere; the extra last row is "no neighbour"."""
+        n, d = (out.size(0), out.size(-1)) if rows is None else (rows.size(0), out.size(-1))
+        if rows is None:
+            return torch.cat([out, out.new_zeros(n, 1, d)], dim=1)
+        full = out.new_zeros(n, self.seq_len + 1, d)
+        if rows.dtype == torch.bool:
+            return full.index_put((torch.cat([rows, rows.new_zeros(n, 1)], dim=1),), out)
+        return full.scatter(1, rows[..., None].expand(-1, -1, d), out)
+
+    def conditions_at(self, padded, pos, num_conds=5):
+        """The first `num_conds` of [middle, top, right, bottom, left] for patch positions `pos`, from
+        padded_outputs(): a patch's own output and those of the patch above, to the right, below, to
+        the left (zeros at the border). pos: (n, r) indices, giving (n, r, D) each, or an (n, seq_len)
+        mask, giving (m, D) each in row-major order."""
+        table = neighbour_table(self.grid, padded.device)
+        if pos.dtype == torch.bool:
+            b, p = pos.nonzero(as_tuple=True)
+            return [padded[b, table[k][p]] for k in range(num_conds)]
+        return [take_rows(padded, table[k][pos]) for k in range(num_conds)]
+
     def neighbour_conditions(self, middle):
         """The outputs of the patch above, to the right, below and to the left (zeros at the border)."""
-        b, _, c = middle.shape
-        grid = middle.reshape(b, self.grid, self.grid, c)
-        top, right, bottom, left = (torch.zeros_like(grid) for _ in range(4))
-        top[:, 1:] = grid[:, :-1]
-        right[:, :, :-1] = grid[:, :, 1:]
-        bottom[:, :-1] = grid[:, 1:]
-        left[:, :, 1:] = grid[:, :, :-1]
-        return [t.reshape(b, -1, c) for t in (top, right, bottom, left)]
+        pos = torch.arange(self.seq_len, device=middle.device).expand(middle.size(0), -1)
+        return self.conditions_at(self.padded_outputs(middle), pos)[1:]
 
     def predict(self, x, mask, cond_list):
         """Conditions for every patch. x: (n, seq_len, 3p²) patches, mask: (n, seq_len), true where a
         patch is hidden. The sequence is [guiding pixel], cond_{k-1} .. cond_0, patches.
         Returns [middle, top, right, bottom, left], each (n, seq_len, D)."""
-        x = self.patch_emb(x)
-        x = torch.where(mask.bool()[..., None], self.mask_token.to(x.dtype), x)
-        prefix = [self.cond_emb(cond_list[i]) for i in reversed(range(self.num_conds))]
-        if self.guiding_pixel:
-            prefix.insert(0, self.pix_proj(cond_list[-1]))
-        x = torch.cat([torch.stack(prefix, dim=1).to(x.dtype), x], dim=1)
-        x = self.patch_emb_ln(x + self.pos_embed_learned)
-        x = self.norm(self.run_blocks(x))
-        middle = x[:, self.num_prefix:]
+        middle = self.encode(x, mask, self.prefix_tokens(cond_list))
         return [middle] + self.neighbour_conditions(middle)
+
+    def needed_positions(self, mask):
+        """The outputs the next level reads when it gets the masked patches: the masked ones and, when
+        it takes neighbour conditions, their four neighbours. (n, seq_len) bool."""
+        if self.num_conds_out == 1:
+            return mask
+        grid = mask.reshape(-1, self.grid, self.grid)
+        needed = grid.clone()
+        needed[:, 1:] |= grid[:, :-1]
+        needed[:, :-1] |= grid[:, 1:]
+        needed[:, :, 1:] |= grid[:, :, :-1]
+        needed[:, :, :-1] |= grid[:, :, 1:]
+        return needed.reshape(mask.shape)
 
     def forward(self, imgs, cond_list):
         """Training (random ratio) or NLL (uniform count) masking; only masked patches and their
@@ -87,7 +146,9 @@ class MAR(PatchGenerator):
             guiding_pixel = imgs.mean(dim=(2, 3))
             guiding_pixel_loss = self.guiding_pixel_loss(guiding_pixel, cond_list)
             cond_list.append(guiding_pixel)
-        conds = [c[mask] for c in self.predict(patches, mask, cond_list)]
+        needed = self.needed_positions(mask)
+        out = self.encode(patches, mask, self.prefix_tokens(cond_list), rows=needed)
+        conds = self.conditions_at(self.padded_outputs(out, needed), mask, self.num_conds_out)
         p = self.patch_size
         return patches[mask].reshape(-1, 3, p, p), conds, guiding_pixel_loss
 
@@ -106,24 +167,41 @@ class MAR(PatchGenerator):
         patches = torch.zeros(bsz, self.seq_len, 3 * self.patch_size ** 2, device=device, dtype=self.pixel_dtype())
         orders = self.sample_orders(bsz).to(device)
         ranks = torch.argsort(orders, dim=1)
-        rows = torch.arange(bsz, device=device)[:, None]
-        all_rows = torch.arange(cond_list[0].size(0), device=device)[:, None]  # [conditional; unconditional]
+        batch_rows = torch.arange(bsz, device=device)[:, None]
+        prefix = self.prefix_tokens(cond_list)
         num_iter = min(self.seq_len, num_iter)
         num_masked = self.seq_len
         for step in sampling_steps(num_iter, visualize, "MAR steps"):
-            conds = self.predict(double(patches), double(ranks < num_masked), cond_list)
             # how many stay masked after this step: at least one, at least one fewer than now
             still_masked = int(np.floor(self.seq_len * np.cos(math.pi / 2 * (step + 1) / num_iter)))
             still_masked = max(1, min(num_masked - 1, still_masked))
             first = 0 if step == num_iter - 1 else still_masked  # the last step predicts all that remain
             # positions predicted now, in increasing position order within each sample
-            pos = orders[:, first:num_masked].sort(dim=1).values
-            conds = [c[all_rows, double(pos)].reshape(-1, c.size(-1)) for c in conds]
+            pos = double(orders[:, first:num_masked].sort(dim=1).values)
+            rows = self.rows_read(pos)
+            out = self.encode(double(patches), double(ranks < num_masked), prefix, rows)
+            if self.num_conds_out == 1 and rows is not None:
+                conds = [out]  # the rows are pos
+            else:
+                conds = self.conditions_at(self.padded_outputs(out, rows), pos, self.num_conds_out)
+            conds = [c.reshape(-1, c.size(-1)) for c in conds]
             cfg_iter = 1 + (cfg - 1) * (self.seq_len - still_masked) / self.seq_len if cfg_schedule == "linear" else cfg
             sampled = next_level_sample_function(cond_list=conds, cfg=cfg_iter, temperature=temperature,
                                                  filter_threshold=filter_threshold)
-            patches[rows, pos] = sampled.reshape(bsz, pos.size(1), -1).to(patches.dtype)
+            patches[batch_rows, pos[:bsz]] = sampled.reshape(bsz, pos.size(1), -1).to(patches.dtype)
             num_masked = still_masked
             if callable(visualize):
                 visualize(self.unpatchify(patches))
         return self.unpatchify(patches)
+
+    def rows_read(self, pos):
+        """The patch outputs that conditions for positions `pos` (n, r) read, as (n, k·r) indices
+        (repeats allowed), or None when that is not fewer than all of them. Fixed-size indices keep
+        the sampler free of host syncs."""
+        if self.num_conds_out == 1:
+            return pos
+        if self.num_conds_out * pos.size(1) >= self.seq_len:
+            return None
+        table = neighbour_table(self.grid, pos.device)[:self.num_conds_out]  # (k, seq_len)
+        rows = table[:, pos].permute(1, 0, 2).reshape(pos.size(0), -1)
+        return torch.where(rows == self.seq_len, pos.repeat(1, self.num_conds_out), rows)  # border: any valid row
