@@ -118,10 +118,20 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, rows=None):
+        """`rows` (see take_rows): the tokens whose outputs are wanted (non-causal attention only);
+        index rows also leave out the other queries, a mask selects after attention."""
         q, k, v = split_heads(self.qkv(x), self.num_heads)
+        if rows is not None and not is_mask(rows):
+            q = take_rows(q, rows)
         x = attend(q, k, v, self.causal, self.attn_drop if self.training else 0.0, cache)
+        if rows is not None and is_mask(rows):
+            x = take_rows(x, rows)
         return self.proj_drop(self.proj(x))
+
+
+def is_mask(rows):
+    return isinstance(rows, torch.Tensor) and rows.dtype == torch.bool
 
 
 def take_rows(x, rows):
@@ -129,7 +139,7 @@ def take_rows(x, rows):
     (m, ...), row-major) or (b, r) indices (gathered to (b, r, ...))."""
     if isinstance(rows, slice):
         return x[:, rows]
-    if rows.dtype == torch.bool:
+    if is_mask(rows):
         return x[rows]
     index = rows.reshape(*rows.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
     return x.gather(1, index)
@@ -148,10 +158,11 @@ class Block(nn.Module):
     def forward(self, x, cache=None, rows=None):
         """With `rows` (see take_rows), only those tokens' outputs are computed; every token still
         serves as key and value. The last block of a level uses this when only some outputs are read:
-        the output projection and the MLP, 3/4 of a block's matmuls, are skipped for the rest."""
-        h = self.attn(self.norm1(x), cache)
+        the output projection and the MLP, 3/4 of a block's matmuls, and (for index rows) the
+        attention of the other queries are skipped."""
+        h = self.attn(self.norm1(x), cache, rows)
         if rows is not None:
-            x, h = take_rows(x, rows), take_rows(h, rows)
+            x = take_rows(x, rows)
         x = x + h
         return x + self.mlp(self.norm2(x))
 
