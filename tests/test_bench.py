@@ -1,0 +1,33 @@
+"""benchmarks/bench.py runs end to end on a tiny model: workers, interleaved timing, FLOPs, memory,
+the comparison with another checkout (here this one, so the samples must be identical) and the report."""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "bench.py"), "--model", "fractalmar_tiny_in16",
+           "--threads", "1", "--repeats", "1", "--batch", "2", "--num_iter_list", "2,2", "--train_batch", "2",
+           "--nll_batch", "2", "--compare", REPO, "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for text in ("matmul peak", "img/s", "GFLOP/s", "util", "speedup", "peak MiB", "load average",
+                 "same samples for the same seed and weights: True"):
+        assert text in proc.stdout, text
+    result = json.loads(out.read_text())
+    assert set(result["times"]) == {"ours", "other"}
+    for impl in ("ours", "other"):
+        assert set(result["times"][impl]) == {"sample", "train", "train_ckpt", "nll"}
+        for task, t in result["times"][impl].items():
+            assert 0 < t["min"] <= t["median"] <= t["max"] and t["n"] == 1, task
+            assert result["flops"][impl][task] > 0, task
+        memory = result["memory"][impl]
+        assert memory["train_ckpt"]["bytes"] < memory["train"]["bytes"]  # checkpointing saves activations
+    assert result["flops"]["ours"] == result["flops"]["other"]  # the same code counted twice
+    assert result["matmul_peak_flops_per_s"]["median"] > 0
+    assert result["same_samples"]["identical"]
+
