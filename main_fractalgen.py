@@ -1,5 +1,7 @@
 """FractalGen: train, evaluate NLL (--evaluate_nll) or generate and score (--evaluate_gen).
 
+Demo:          python main_fractalgen.py --demo    (small model, bundled digits, CPU is fine)
+
 One process:   python main_fractalgen.py --model fractalmar_tiny_in16 --img_size 16 ...
 Many:          torchrun --nproc_per_node=8 main_fractalgen.py ...   (also SLURM, or OpenMPI with --dist_on_itp)
 """
@@ -81,7 +83,27 @@ def get_args_parser():
     p.add_argument("--local_rank", default=-1, type=int)
     p.add_argument("--dist_on_itp", action="store_true")
     p.add_argument("--dist_url", default="env://")
+    p.add_argument("--demo", action="store_true",
+                   help="train a small model on the bundled digits (data/demo; CPU is fine), then write its NLL and "
+                        "a sample grid to output_demo/; any flag given as well overrides the demo's setting")
     return p
+
+
+# The embedded default: a small FractalMAR on the bundled MNIST digits (16×16, one colour per class),
+# sized to train in minutes on 2 CPU cores and give recognisable digits.
+DEMO_DEFAULTS = dict(
+    model="fractalmar_tiny_in16", img_size=16, num_conds=5, class_num=10, data_path="data/demo",
+    output_dir="output_demo", resume="output_demo", epochs=3, warmup_epochs=1, batch_size=32, lr=2e-3,
+    lr_schedule="cosine", attn_dropout=0.0, proj_dropout=0.0, num_workers=1, save_last_freq=1, print_freq=50,
+    num_iter_list="16,8", cfg=2.0, cfg_schedule="linear", nll_bsz=100)
+
+
+def parse_args(argv=None):
+    """The command line; with --demo, the demo's settings replace the defaults."""
+    parser = get_args_parser()
+    if "--demo" in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(**DEMO_DEFAULTS)
+    return parser.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -171,6 +193,8 @@ def main(args):
     torch.manual_seed(args.seed + misc.get_rank())
     np.random.seed(args.seed + misc.get_rank())
     training = not (args.evaluate_gen or args.evaluate_nll)
+    if args.demo:
+        prepare_demo_data(args)
     model = build(args)
     dataset_train = image_folder(args.data_path, "train", args.img_size, args.class_num) if training else None
     dataset_val = image_folder(args.data_path, "val", args.img_size, args.class_num) if args.evaluate_nll else None
@@ -241,6 +265,35 @@ def main(args):
         if log_writer is not None:
             log_writer.flush()
     print_rank0(f"Training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - start))}")
+    if args.demo:
+        finish_demo(model, model_without_ddp, args, device, world, rank)
+
+
+# ----------------------------------------------------------------------------- the embedded demo
+def prepare_demo_data(args):
+    """Rank 0 writes the bundled digits as an ImageFolder tree (once), so the demo reads them through
+    the same data path as ImageNet."""
+    from util.demo_data import write_image_folder
+    if misc.is_main_process():
+        write_image_folder(args.data_path, img_size=args.img_size)
+    misc.barrier()
+
+
+def finish_demo(model, model_without_ddp, args, device, world, rank):
+    """After training: NLL on the held-out digits and a grid of samples, one row per class."""
+    from util.sampling import save_sample_grid
+    dataset_val = image_folder(args.data_path, "val", args.img_size, args.class_num)
+    pin_memory = args.pin_mem and device.type == "cuda"
+    bpd = evaluate_nll(model, eval_loader(dataset_val, args.nll_bsz, args.num_workers, pin_memory, world, rank),
+                       device, args)
+    print_rank0(f"BPD: {bpd:.5f}")
+    misc.update_results(args.output_dir, nll={"bpd": bpd, "images": len(dataset_val), "forward_number": 1})
+    if misc.is_main_process():
+        path = os.path.join(args.output_dir, "samples.png")
+        save_sample_grid(model_without_ddp, path, args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+                         temperature=args.temperature, precision=args.precision, seed=args.seed, upscale=4)
+        print(f"Samples: {path}  (one row per class; checkpoint: {args.output_dir}/checkpoint-last.pth)")
+    misc.barrier()
 
 
 def print_rank0(msg):
@@ -249,7 +302,7 @@ def print_rank0(msg):
 
 
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
+    args = parse_args()
     try:
         main(args)
     except misc.UserError as e:

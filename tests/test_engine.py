@@ -173,3 +173,18 @@ def test_slurm_and_openmpi_start_two_processes(data, tmp_path, launcher):
     assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
     assert "2 process(es)" in outputs[0] and "BPD: " in outputs[0] and "BPD: " not in outputs[1]
     assert 0 < float(outputs[0].split("BPD: ")[1].split()[0]) < 20
+
+
+def test_demo_mode_prepares_data_and_writes_nll_and_samples(tmp_path, capsys):
+    """--demo with its defaults, overridden only where a test must be quick (0 epochs, few steps)."""
+    data, out = str(tmp_path / "demo"), str(tmp_path / "out")
+    args = main_fractalgen.parse_args(["--demo", "--data_path", data, "--output_dir", out, "--resume", out,
+                                       "--epochs", "0", "--num_iter_list", "2,1", "--num_workers", "0"])
+    assert args.model == "fractalmar_tiny_in16" and args.class_num == 10
+    main_fractalgen.main(args)
+    assert sorted(os.listdir(os.path.join(data, "train"))) == [str(d) for d in range(10)]
+    import json
+    assert 0 < json.load(open(os.path.join(out, "results.json")))["nll"]["bpd"] < 20
+    grid = Image.open(os.path.join(out, "samples.png"))
+    assert grid.size[1] > 10 * 16 * 4  # ten rows of 16-pixel samples shown 4× larger
+    assert "Samples: " in capsys.readouterr().out
