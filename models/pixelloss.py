@@ -101,19 +101,21 @@ class PixelLoss(nn.Module):
         """
         cond = cond_list[0]
         guided, bsz = guidance_batch(cond, cfg)
-        mean, std = imagenet_stats(cond.device)
         caches = [KVCache(3) for _ in self.blocks]
-        pixels = torch.empty(bsz, 3, device=cond.device)
+        intensities = []
         token = self.cond_proj(cond)
         for c, (head, codebook) in enumerate(zip(self.heads(), self.codebooks())):
             h = self.ln(token).unsqueeze(1)
             for block, cache in zip(self.blocks, caches):
                 h = block(h, cache)
-            logits = head(self.norm(h[:, 0]), codebook.weight) * temperature
+            logits = head(self.norm(h[:, 0]), codebook.weight)
+            if temperature != 1.0:  # multiplying by 1.0 changes nothing
+                logits = logits * temperature
             if guided:
                 logits = guided_logits(logits[:bsz], logits[bsz:], cfg, filter_threshold)
             ids = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1).reshape(-1)
-            pixels[:, c] = (ids.float() / 255 - mean[c]) / std[c]
+            intensities.append(ids)
             if c < 2:
                 token = codebook(torch.cat([ids, ids]) if guided else ids)
-        return pixels
+        mean, std = imagenet_stats(cond.device)
+        return (torch.stack(intensities, dim=1).float() / 255 - mean) / std
