@@ -10,13 +10,8 @@ from PIL import Image
 
 import util.lr_sched as lr_sched
 import util.misc as misc
-from models.layers import imagenet_stats
-
-
-def autocast(device, precision):
-    """Mixed precision for the forward pass: fp16 or bf16 autocast, or none for fp32."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+from util.misc import autocast
+from util.sampling import sample_classes
 
 
 def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, device, epoch, log_writer, args,
@@ -89,13 +84,6 @@ def generation_labels(num_images, class_num):
         raise misc.UserError(f"--num_images {num_images} must be divisible by --class_num {class_num} "
                              "(images are split equally over classes)")
     return torch.arange(num_images) // (num_images // class_num)
-
-
-def to_uint8(images):
-    """Normalized (n, 3, h, w) images -> uint8 (n, h, w, 3) arrays."""
-    mean, std = imagenet_stats(images.device)
-    pixels = ((images.float() * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)).clamp(0, 1) * 255).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def generation_folder(args):
@@ -186,17 +174,13 @@ def generate(model_without_ddp, args, device):
 
 
 def sample_batch(model_without_ddp, labels, num_iter_list, args, device, seed):
-    """uint8 images of the given classes, drawn from `seed` without touching the training RNG."""
+    """uint8 (n, h, w, 3) images of the given classes, drawn from `seed` without touching the
+    training random state."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        emb = model_without_ddp.class_emb(labels)
-        if args.cfg != 1.0:
-            emb = torch.cat([emb, model_without_ddp.fake_latent.repeat(labels.size(0), 1)])
-        with autocast(device, args.precision):
-            images = model_without_ddp.sample(cond_list=[emb] * 5, num_iter_list=num_iter_list, cfg=args.cfg,
-                                              cfg_schedule=args.cfg_schedule, temperature=args.temperature,
-                                              filter_threshold=args.filter_threshold, fractal_level=0)
-    return to_uint8(images)
+        images = sample_classes(model_without_ddp, labels, num_iter_list, args.cfg, args.cfg_schedule,
+                                args.temperature, args.filter_threshold, args.precision)
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def write_png(pixels, path):

@@ -79,6 +79,12 @@ def all_ranks_ok(ok, device):
     return all_reduce_sum(flag).item() == 0
 
 
+def autocast(device, precision):
+    """Mixed precision for the forward pass: fp16 or bf16 autocast, or none for fp32."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
 # ----------------------------------------------------------------------------- logging
 class ProgressLogger:
     """Prints `header [step/total] eta loss lr img/s mem` every `print_freq` steps (rank 0 only)."""

@@ -6,7 +6,7 @@ import torch
 import torchvision.utils as vutils
 
 import util.misc as misc
-from engine_fractalgen import autocast
+from util.misc import autocast
 from models.fractalgen import build_model
 from models.layers import imagenet_stats
 
