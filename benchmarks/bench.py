@@ -218,49 +218,56 @@ def level_modules(model):
     return out
 
 
-def profile_levels(workload):
-    """Self time per level of one sampling call, by wrapping each level's `sample` (numerics unchanged),
-    then the top ops of another call under torch.profiler, where each level is a record_function range
-    of the same label (its "CPU total" is inclusive of the levels inside it).
-    """
-    device = workload.device
-    stats, stack, recording = {}, [], [False]
+@contextlib.contextmanager
+def per_level(model, meter):
+    """Wraps each level's `sample` (numerics unchanged) so that stats[label] = [self amount, calls]
+    gathers how much `meter()` (a clock, a FLOP count) grows inside it, less the levels inside it.
+    Each level is also a torch.profiler.record_function range of that label."""
+    stats, stack = {}, []
 
     def wrap(label, fn):
-        def timed_sample(*args, **kwargs):
-            if not recording[0]:
-                with torch.profiler.record_function(label):
-                    return fn(*args, **kwargs)
-            synchronize(device)
-            start = time.perf_counter()
-            stack.append(0.0)
-            result = fn(*args, **kwargs)
-            synchronize(device)
-            total = time.perf_counter() - start
+        def metered_sample(*args, **kwargs):
+            start = meter()
+            stack.append(0)
+            with torch.profiler.record_function(label):
+                result = fn(*args, **kwargs)
+            total = meter() - start
             children = stack.pop()
             if stack:
                 stack[-1] += total
-            entry = stats.setdefault(label, [0.0, 0])
+            entry = stats.setdefault(label, [0, 0])
             entry[0] += total - children
             entry[1] += 1
             return result
-        return timed_sample
+        return metered_sample
 
-    modules = level_modules(workload.model)
+    modules = level_modules(model)
     for label, module in modules:
         module.sample = wrap(label, module.sample)
     try:
-        workload.sample()  # warm-up
-        recording[0] = True
-        total = timed(workload.sample, device)
-        recording[0] = False
-        with torch.profiler.profile() as prof:
-            workload.sample()
+        yield [label for label, _ in modules], stats
     finally:
         for _, module in modules:
             del module.sample  # back to the class's method
-    rows = [{"level": label, "seconds": stats.get(label, [0.0, 0])[0], "calls": stats.get(label, [0.0, 0])[1]}
-            for label, _ in modules]
+
+
+def profile_levels(workload):
+    """Self time per level of one sampling call, then the top ops of another call under
+    torch.profiler (a level's "CPU total" there includes the levels inside it)."""
+    device = workload.device
+
+    def clock():
+        synchronize(device)  # on CUDA this adds syncs, which only the profile pays
+        return time.perf_counter()
+
+    with per_level(workload.model, clock) as (labels, stats):
+        workload.sample()  # warm-up
+        stats.clear()
+        total = timed(workload.sample, device)
+        rows = [{"level": label, "seconds": stats.get(label, [0.0, 0])[0], "calls": stats.get(label, [0.0, 0])[1]}
+                for label in labels]
+        with torch.profiler.profile() as prof:
+            workload.sample()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50)
     return {"total": total, "levels": rows, "ops": table}
 

@@ -31,3 +31,19 @@ def test_bench_smoke(tmp_path):
     assert result["matmul_peak_flops_per_s"]["median"] > 0
     assert result["same_samples"]["identical"]
 
+
+
+def test_scaling_level_counts_add_up_to_a_whole_sample():
+    """benchmarks/scaling.py counts each level once with a stub below it; the sum must equal the FLOPs of
+    sampling whole images."""
+    import torch
+    from benchmarks.bench import FlopCounter
+    from benchmarks.scaling import level_flops, model_kwargs, sample
+    from models.fractalgen import build_model
+    name = "fractalmar_tiny_in16"
+    _, levels = level_flops(name, cfg=4.0, num_iter=[4, 2])
+    with torch.device("meta"):
+        model = build_model(name, **model_kwargs(name)).eval()
+    with FlopCounter() as counter:
+        sample(model, 2, [4, 2], 4.0)
+    assert sum(flops for _, flops in levels) == counter.total / 2

@@ -1,0 +1,113 @@
+"""How sampling work grows with image size and number of levels: FLOPs per image and per level.
+
+    python benchmarks/scaling.py                      # every model in models.fractalgen.MODELS
+    python benchmarks/scaling.py --models fractalmar_tiny_in16,fractalmar_small_in32 --time --threads 2
+
+FLOPs are counted on the meta device (no memory, no arithmetic: the count depends only on shapes,
+and the number of patches predicted per step is fixed by the schedule), level by level (see
+level_flops), so even the 256×256 models are counted in seconds. With --time the models are also sampled for real on --device, with
+random weights, and the seconds per image are printed next to the count.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench import FlopCounter, timed  # noqa: E402
+from models.fractalgen import MODELS, build_model  # noqa: E402
+
+# the release's sampling steps for its models; the CPU models use the issue's benchmark setting
+NUM_ITER = {"fractalar_in64": [64, 16], "fractalmar_in64": [64, 16], "fractalmar_base_in256": [64, 16, 16],
+            "fractalmar_large_in256": [64, 16, 16], "fractalmar_huge_in256": [64, 16, 16],
+            "fractalar_tiny_in16": [16, 16], "fractalmar_tiny_in16": [16, 8], "fractalmar_small_in32": [16, 8]}
+
+
+def model_kwargs(name):
+    """As released: MAR-first models with 5 conditions, the 256×256 ones with a guiding pixel."""
+    config = MODELS[name].config
+    return dict(class_num=1000, num_conds=5 if config["generator_type_list"][0] == "mar" else 1,
+                guiding_pixel=config["img_size_list"][0] >= 256)
+
+
+def sample(model, batch, num_iter_list, cfg):
+    labels = torch.arange(batch, device=model.fake_latent.device)
+    with torch.no_grad():
+        cond = model.class_emb(labels)
+        if cfg != 1.0:
+            cond = torch.cat([cond, model.fake_latent.repeat(batch, 1)])
+        return model.sample([cond] * 5, num_iter_list, cfg, "linear", 1.0, 1e-4, fractal_level=0)
+
+
+def level_flops(name, cfg, num_iter=None):
+    """Sampling FLOPs per image, per level: [(label, FLOPs)], outer level first, the pixel head last.
+
+    Every sequence of a level costs the same, so each level is sampled once, for one image (with
+    cfg a [conditional; unconditional] pair), with the next level replaced by a stub that returns
+    blank patches; that cost is multiplied by the number of sequences the level sees per image (the
+    product of the patch counts of the levels above it). This takes seconds where sampling a whole
+    256x256 image on the meta device would run millions of ops. A level's guiding-pixel head counts
+    with its level.
+    """
+    with torch.device("meta"):
+        model = build_model(name, **model_kwargs(name)).eval()
+    config, num_iter = MODELS[name].config, num_iter or NUM_ITER[name]
+    pairs = 2 if cfg != 1.0 else 1
+    rows, per_image, level, index = [], 1, model, 0
+    with torch.no_grad():
+        while hasattr(level, "generator"):
+            gen, dim = level.generator, config["embed_dim_list"][max(index - 1, 0)]
+            cond = torch.zeros(pairs, dim, device="meta")
+            patch = gen.patch_size
+
+            def stub(cond_list, cfg, temperature, filter_threshold):
+                return torch.zeros(cond_list[0].size(0) // pairs, 3, patch, patch, device="meta")
+            with FlopCounter() as counter:
+                gen.sample([cond] * 5, num_iter[index], cfg, "linear" if index == 0 else "constant", 1.0, 1e-4, stub)
+            rows.append((f"level {index} {type(gen).__name__} ({gen.seq_len} patches)", counter.total * per_image))
+            per_image *= gen.seq_len
+            level, index = level.next_fractal, index + 1
+        cond = torch.zeros(pairs, config["embed_dim_list"][index - 1], device="meta")
+        with FlopCounter() as counter:
+            level.sample([cond], 1.0, cfg, 1e-4)
+        rows.append(("pixel head", counter.total * per_image))
+    return sum(p.numel() for p in model.parameters()), rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--cfg", type=float, default=4.0, help="guidance doubles every sequence; 1.0 turns it off")
+    p.add_argument("--batch", type=int, default=2, help="images per timed sampling call (--time)")
+    p.add_argument("--time", action="store_true", help="also sample for real and time it")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"sampling with cfg {args.cfg} (linear), temperature 1.0; FLOPs per image, self FLOPs per level")
+    for name in args.models.split(","):
+        config = MODELS[name].config
+        params, levels = level_flops(name, args.cfg)
+        total = sum(flops for _, flops in levels)
+        pixels = config["img_size_list"][0] ** 2
+        line = (f"{name:<24} {config['img_size_list'][0]:>3}x{config['img_size_list'][0]:<3} "
+                f"{len(config['img_size_list']):>1} levels  {params / 1e6:8.2f}M params  "
+                f"num_iter {','.join(map(str, NUM_ITER[name])):<9} {total / 1e9:10.1f} GFLOP/image  "
+                f"{total / pixels / 1e6:7.2f} MFLOP/pixel")
+        if args.time:
+            device = torch.device(args.device)
+            torch.manual_seed(0)
+            model = build_model(name, **model_kwargs(name)).to(device).eval()
+            sample(model, args.batch, NUM_ITER[name], args.cfg)  # warm-up
+            seconds = timed(lambda: sample(model, args.batch, NUM_ITER[name], args.cfg), device)
+            line += f"  {seconds / args.batch:8.3f} s/image ({total * args.batch / seconds / 1e9:.1f} GFLOP/s)"
+        print(line)
+        print("    " + "; ".join(f"{label}: {flops / total:.1%}" for label, flops in levels))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
