@@ -11,7 +11,6 @@ random weights, and the seconds per image are printed next to the count.
 import argparse
 import os
 import sys
-import time
 
 import torch
 
