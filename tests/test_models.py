@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import FIXTURES, load_fixture, normalize_u8, pixel_head, random_images
-from models.fractalgen import FractalGen, MODELS, build_model
+from models.fractalgen import FractalGen, build_model
 from models.layers import attend, patchify, unpatchify
 
 RELEASED = {  # name: (num_conds, guiding_pixel, parameters in millions)
