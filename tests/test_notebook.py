@@ -62,9 +62,14 @@ def test_notebook_samples_from_a_local_checkpoint(tmp_path):
     assert ".cuda()" not in sources and "torch.cuda.is_available()" in sources
 
 
-def test_notebook_says_when_the_checkpoint_is_missing(tmp_path):
-    with pytest.raises(nbclient.exceptions.CellExecutionError, match="no checkpoint at .*Quick start"):
-        run_notebook(checkpoint_path=str(tmp_path / "nowhere.pth"))
+@pytest.mark.parametrize("local, message", [(True, "no checkpoint at .*Quick start"),
+                                            (False, "URL of fractalmar_in64 is not recorded.*pass it")])
+def test_notebook_says_what_to_do_without_a_checkpoint(tmp_path, local, message):
+    """A local path that does not exist, or a released model with no URL given and nothing downloaded."""
+    parameters = dict(checkpoint_path=str(tmp_path / "nowhere.pth")) if local else \
+        dict(checkpoint_path="", model_name="fractalmar_in64", download_dir=str(tmp_path))
+    with pytest.raises(nbclient.exceptions.CellExecutionError, match=message):
+        run_notebook(**parameters)
 
 
 def test_load_model_needs_a_name_without_args(tmp_path):
