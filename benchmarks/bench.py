@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py --model fractalmar_small_in32 --device cpu --threads 2 --repeats 5
     python benchmarks/bench.py ... --compare /tmp/fg_base      # another checkout, timed interleaved
+    python benchmarks/bench.py ... --release_like /tmp/fg_base # that checkout with the release's pixel head
     python benchmarks/bench.py ... --profile                   # where sampling time goes, per level
 
 Every implementation runs in its own worker process (`--compare` checkouts have the same `models/`
@@ -148,6 +149,9 @@ class Workload:
         self.model = fractalgen.FractalGen(**args.config, **args.model_kwargs).to(self.device).eval()
         if args.weights:  # the same random weights in every implementation
             self.model.load_state_dict(torch.load(args.weights, map_location=self.device), strict=True)
+        if args.release_head:
+            from release_like import use_release_head  # benchmarks/ is this script's directory
+            use_release_head(self.model)
         self.train_model = copy.deepcopy(self.model).train()  # training must not change the sampler
         self.optimizer = torch.optim.AdamW(self.train_model.parameters(), lr=1e-5, betas=(0.9, 0.95))
         g = torch.Generator().manual_seed(args.seed)
@@ -345,12 +349,16 @@ def summarize(values):
 
 def run(args, worker_argv):
     tasks = [t for t in args.tasks.split(",") if t]
-    impls = [("ours", REPO)] + ([("other", os.path.abspath(args.compare))] if args.compare else [])
+    impls = [("ours", REPO, [])]
+    if args.compare:
+        impls.append(("other", os.path.abspath(args.compare), []))
+    if args.release_like:
+        impls.append(("release-like", os.path.abspath(args.release_like), ["--_release_head"]))
     load_before = os.getloadavg()
     workers = []
     try:
-        for name, root in impls:  # they start (import torch, build the model) side by side
-            workers.append(Worker(name, root, worker_argv))
+        for name, root, extra_argv in impls:  # they start (import torch, build the model) side by side
+            workers.append(Worker(name, root, worker_argv + extra_argv))
         for w in workers:
             w.wait_ready()
         result = {"config": config_summary(args), "load_before": load_before,
@@ -421,7 +429,7 @@ def report(result, markdown=False):
              f"[{peak['min'] / 1e9:.1f}, {peak['max'] / 1e9:.1f}]", ""]
     lines += task_table(result, markdown) + [""]
     if len(result["times"]) > 1:
-        lines.append("speedup = other's median time / ours (above 1: ours is faster)")
+        lines.append("speedup = that implementation's median time / ours (above 1: ours is faster)")
     lines.append("util = GFLOP/s over the median matmul peak; cpu s = process CPU time (all threads)")
     if "memory" in result:
         method = next(iter(next(iter(result["memory"].values())).values()))["method"]
@@ -495,6 +503,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare", default=None, metavar="PATH",
                    help="another FractalGen checkout (same models/ layout), timed interleaved with ours")
+    p.add_argument("--release_like", default=None, metavar="PATH",
+                   help="also time the checkout at PATH with the release's per-pixel sampling schedule (the whole "
+                        "head sequence again for each channel; see benchmarks/release_like.py)")
     p.add_argument("--profile", action="store_true", help="per-level sampling time and the top ops")
     p.add_argument("--no_memory", dest="memory", action="store_false",
                    help="skip the peak training memory (one slow tracked step per setting on CPU)")
@@ -502,6 +513,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, metavar="PATH", help="also write the raw results here")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_weights", dest="weights", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_release_head", dest="release_head", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 

@@ -47,3 +47,25 @@ def test_scaling_level_counts_add_up_to_a_whole_sample():
     with FlopCounter() as counter:
         sample(model, 2, [4, 2], 4.0)
     assert sum(flops for _, flops in levels) == counter.total / 2
+
+
+def test_release_like_head_draws_the_same_pixels_with_more_work():
+    """benchmarks/release_like.py: the release's schedule (the whole head sequence again per channel) must
+    draw what our cached head draws for the same seed, and cost more FLOPs, or the comparison is void."""
+    import copy
+    import torch
+    from benchmarks.bench import count_flops
+    from benchmarks.release_like import use_release_head
+    from models.fractalgen import build_model
+    ours = build_model("fractalmar_tiny_in16", class_num=10, num_conds=5).eval()
+    release = use_release_head(copy.deepcopy(ours))
+    head, release_head = (next(m for m in model.modules() if type(m).__name__ == "PixelLoss")
+                          for model in (ours, release))
+    cond = torch.randn(2 * 64, head.cond_proj.in_features)  # [conditional; unconditional]
+
+    def draw(h):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return h.sample([cond], temperature=1.0, cfg=3.0, filter_threshold=1e-4)
+    assert torch.allclose(draw(head), draw(release_head), atol=1e-6)
+    assert count_flops(lambda: draw(release_head)) > 2 * count_flops(lambda: draw(head))

@@ -1,0 +1,51 @@
+"""The release's per-pixel sampling schedule, for timing our sampler against the release's work.
+
+The release draws a pixel's R, G and B by running the head's whole 4-token sequence
+[condition, r, g, b] again for each channel (no KV cache), with the channels not drawn yet set to
+intensity 0. Causal attention makes each channel's logits the same as with one token at a time and a
+cache; only the amount of work differs (3 passes over 4 tokens instead of 3 passes over 1 token).
+
+`use_release_head(model)` puts that schedule into every pixel head of a FractalGen model, so that a
+checkout which otherwise computes what the release computes (the first faithful commit, d3433e0: full
+MAR outputs, AR with a KV cache) does the release's sampling work. bench.py's `--release_like PATH`
+uses it. Only the head's sampling changes; training and NLL are untouched.
+"""
+import types
+
+import torch
+
+
+@torch.no_grad()
+def release_schedule_sample(head, cond_list, temperature, cfg, filter_threshold=0):
+    """PixelLoss.sample with the release's schedule; same arguments and result as the original."""
+    from models.layers import guidance_batch, imagenet_stats  # the checkout's own modules
+    from models.pixelloss import guided_logits
+    cond = cond_list[0]
+    guided, bsz = guidance_batch(cond, cfg)
+    mean, std = imagenet_stats(cond.device)
+    codebooks, heads = head.codebooks(), head.heads()
+    drawn = torch.zeros(cond.size(0), 3, dtype=torch.long, device=cond.device)
+    pixels = torch.empty(bsz, 3, device=cond.device)
+    for c in range(3):
+        x = torch.stack([head.cond_proj(cond)] + [codebook(drawn[:, i]) for i, codebook in enumerate(codebooks)],
+                        dim=1)
+        x = head.ln(x)
+        for block in head.blocks:
+            x = block(x)
+        logits = heads[c](head.norm(x[:, c]), codebooks[c].weight) * temperature
+        if guided:
+            logits = guided_logits(logits[:bsz], logits[bsz:], cfg, filter_threshold)
+        ids = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1).reshape(-1)
+        pixels[:, c] = (ids.float() / 255 - mean[c]) / std[c]
+        drawn[:, c] = torch.cat([ids, ids]) if guided else ids
+    return pixels
+
+
+def use_release_head(model):
+    """Give every per-pixel head (class PixelLoss) of `model` the release's sampling schedule."""
+    heads = [m for m in model.modules() if type(m).__name__ == "PixelLoss"]
+    if not heads:
+        raise ValueError("no PixelLoss module in this model: is it a FractalGen?")
+    for head in heads:
+        head.sample = types.MethodType(release_schedule_sample, head)
+    return model
