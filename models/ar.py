@@ -5,7 +5,7 @@ import functools
 import torch
 import torch.nn as nn
 
-from models.layers import KVCache, PatchGenerator, attend, guidance_batch, sampling_steps, split_heads
+from models.layers import Dropout, KVCache, PatchGenerator, attend, guidance_batch, sampling_steps, split_heads
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,7 +53,7 @@ class RotaryAttention(nn.Module):
         self.num_heads = num_heads
         self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
-        self.resid_dropout = nn.Dropout(resid_dropout)
+        self.resid_dropout = Dropout(resid_dropout)
 
     def forward(self, x, rope, cache=None):
         q, k, v = split_heads(self.wqkv(x), self.num_heads)
@@ -71,7 +71,7 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.ffn_dropout = nn.Dropout(dropout)
+        self.ffn_dropout = Dropout(dropout)
 
     def forward(self, x):
         return self.ffn_dropout(self.w2(nn.functional.silu(self.w1(x)) * self.w3(x)))

@@ -108,6 +108,22 @@ def attend(q, k, v, causal=False, dropout_p=0.0, cache=None):
     return out.to(out_dtype).transpose(1, 2).reshape(b, t, -1)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout whose mask, on the CPU, comes from a uniform draw instead of bernoulli_.
+
+    The same distribution: each element is kept with probability 1 - p and scaled by 1 / (1 - p). On
+    the CPU torch draws dropout masks with bernoulli_, which took about a quarter of a training step of
+    fractalmar_small_in32 (benchmarks/bench.py); a uniform draw and a comparison take about half as
+    long. Other devices keep torch's fused kernel.
+    """
+
+    def forward(self, x):
+        if not self.training or self.p == 0 or self.p == 1 or x.device.type != "cpu":
+            return super().forward(x)
+        keep = torch.rand(x.shape, device=x.device).ge_(self.p).mul_(1 / (1 - self.p))
+        return x * keep.to(x.dtype)
+
+
 class Attention(nn.Module):
     """ViT-style attention (fused qkv with bias, output projection), optionally causal."""
 
@@ -116,7 +132,7 @@ class Attention(nn.Module):
         self.num_heads, self.causal, self.attn_drop = num_heads, causal, attn_drop
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = Dropout(proj_drop)
 
     def forward(self, x, cache=None, rows=None):
         """`rows` (see take_rows): the tokens whose outputs are wanted (non-causal attention only);
@@ -154,6 +170,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, causal, attn_drop, proj_drop)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, hidden_features=4 * dim, act_layer=nn.GELU, drop=proj_drop)
+        self.mlp.drop1, self.mlp.drop2 = Dropout(proj_drop), Dropout(proj_drop)
 
     def forward(self, x, cache=None, rows=None):
         """With `rows` (see take_rows), only those tokens' outputs are computed; every token still

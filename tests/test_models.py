@@ -8,7 +8,7 @@ import torch
 
 from helpers import FIXTURES, load_fixture, normalize_u8, pixel_head, random_images
 from models.fractalgen import FractalGen, build_model
-from models.layers import attend, patchify, unpatchify
+from models.layers import Dropout, attend, patchify, unpatchify
 
 RELEASED = {  # name: (num_conds, guiding_pixel, parameters in millions)
     "fractalar_in64": (1, False, 442.07), "fractalmar_in64": (5, False, 432.00),
@@ -275,3 +275,18 @@ def test_unknown_generator_type():
 def test_list_lengths_disagree():
     with pytest.raises(ValueError, match="one entry per level"):
         FractalGen((16, 4, 1), (32, 32), (1, 1, 1), (2, 2, 2), ("ar", "ar", "ar"))
+
+
+def test_cpu_dropout_keeps_one_minus_p_scaled_and_passes_gradient_through_the_mask():
+    torch.manual_seed(0)
+    drop = Dropout(0.1)
+    x = torch.ones(200_000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.003
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(x·mask)/dx = mask
+    assert torch.equal(drop.eval()(x), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert drop.train()(x.detach().bfloat16()).dtype == torch.bfloat16
