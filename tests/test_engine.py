@@ -65,6 +65,8 @@ def test_checkpoint_is_atomic_and_loads(tmp_path):
         f.truncate(os.path.getsize(path) // 2)
     with pytest.raises(misc.UserError, match="truncated"):
         misc.load_checkpoint(path)
+    with pytest.raises(misc.UserError, match="no checkpoint at .*train one first"):
+        misc.load_checkpoint(str(tmp_path / "missing.pth"))
 
 
 # ----------------------------------------------------------------------------- end to end

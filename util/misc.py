@@ -170,6 +170,9 @@ def save_checkpoint(args, model_without_ddp, optimizer, scaler, epoch, device, r
 def load_checkpoint(path):
     """Read a checkpoint (ours or the release's); a truncated or foreign file is a UserError."""
     torch.serialization.add_safe_globals([argparse.Namespace])
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one first, or point --resume (or the path) at the folder "
+                        "or file that holds it")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read means the same thing to the user
