@@ -109,6 +109,14 @@ class MAR(PatchGenerator):
             return [padded[b, table[k][p]] for k in range(num_conds)]
         return [take_rows(padded, table[k][pos]) for k in range(num_conds)]
 
+    def conditions_from(self, out, rows, pos):
+        """The conditions for positions `pos` from encode()'s outputs `out` of `rows`. When the next
+        level reads only a patch's own output, `rows` are the positions themselves and `out` already
+        holds those conditions in order."""
+        if self.num_conds_out == 1 and rows is not None:
+            return [out]
+        return self.conditions_at(self.padded_outputs(out, rows), pos, self.num_conds_out)
+
     def neighbour_conditions(self, middle):
         """The outputs of the patch above, to the right, below and to the left (zeros at the border)."""
         pos = torch.arange(self.seq_len, device=middle.device).expand(middle.size(0), -1)
@@ -148,7 +156,7 @@ class MAR(PatchGenerator):
             cond_list.append(guiding_pixel)
         needed = self.needed_positions(mask)
         out = self.encode(patches, mask, self.prefix_tokens(cond_list), rows=needed)
-        conds = self.conditions_at(self.padded_outputs(out, needed), mask, self.num_conds_out)
+        conds = self.conditions_from(out, needed, mask)
         p = self.patch_size
         return patches[mask].reshape(-1, 3, p, p), conds, guiding_pixel_loss
 
@@ -180,11 +188,7 @@ class MAR(PatchGenerator):
             pos = double(orders[:, first:num_masked].sort(dim=1).values)
             rows = self.rows_read(pos)
             out = self.encode(double(patches), double(ranks < num_masked), prefix, rows)
-            if self.num_conds_out == 1 and rows is not None:
-                conds = [out]  # the rows are pos
-            else:
-                conds = self.conditions_at(self.padded_outputs(out, rows), pos, self.num_conds_out)
-            conds = [c.reshape(-1, c.size(-1)) for c in conds]
+            conds = [c.reshape(-1, c.size(-1)) for c in self.conditions_from(out, rows, pos)]
             cfg_iter = 1 + (cfg - 1) * (self.seq_len - still_masked) / self.seq_len if cfg_schedule == "linear" else cfg
             sampled = next_level_sample_function(cond_list=conds, cfg=cfg_iter, temperature=temperature,
                                                  filter_threshold=filter_threshold)
