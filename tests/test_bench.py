@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -69,3 +71,16 @@ def test_release_like_head_draws_the_same_pixels_with_more_work():
             return h.sample([cond], temperature=1.0, cfg=3.0, filter_threshold=1e-4)
     assert torch.allclose(draw(head), draw(release_head), atol=1e-6)
     assert count_flops(lambda: draw(release_head)) > 2 * count_flops(lambda: draw(head))
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_on_tiny_models(tmp_path):
+    """benchmarks/gpu_check.sh is run on a lent GPU with no time to debug it: check it here on the CPU."""
+    env = dict(os.environ, DEVICE="cpu", QUICK="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_check.sh"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "passed" in (tmp_path / "cuda_tests.txt").read_text()
+    for label in ("sample_tiny", "train_tiny"):
+        assert f"{label}: exit 0" in proc.stdout
+        assert json.loads((tmp_path / f"{label}.json").read_text())["times"]["ours"]
