@@ -245,11 +245,7 @@ def main(args):
         log_writer = SummaryWriter(log_dir=args.log_dir)
 
     if args.evaluate_nll:
-        bpd = evaluate_nll(model, eval_loader(dataset_val, args.nll_bsz, args.num_workers, pin_memory, world, rank),
-                           device, args)
-        print_rank0(f"BPD: {bpd:.5f}")
-        misc.update_results(args.output_dir, nll={"bpd": bpd, "images": len(dataset_val),
-                                                  "forward_number": args.nll_forward_number})
+        report_nll(model, dataset_val, args, device, world, rank)
     if args.evaluate_gen:
         evaluate_gen(model_without_ddp, args, device, ckpt_epoch, log_writer)
     if not training:
@@ -275,6 +271,16 @@ def main(args):
         finish_demo(model, model_without_ddp, args, device, world, rank)
 
 
+def report_nll(model, dataset_val, args, device, world, rank):
+    """The NLL in bits/dim over `dataset_val`: printed and recorded in output_dir/results.json."""
+    pin_memory = args.pin_mem and device.type == "cuda"
+    bpd = evaluate_nll(model, eval_loader(dataset_val, args.nll_bsz, args.num_workers, pin_memory, world, rank),
+                       device, args)
+    print_rank0(f"BPD: {bpd:.5f}")
+    misc.update_results(args.output_dir, nll={"bpd": bpd, "images": len(dataset_val),
+                                              "forward_number": args.nll_forward_number})
+
+
 # ----------------------------------------------------------------------------- the embedded demo
 def prepare_demo_data(args):
     """Rank 0 writes the bundled digits as an ImageFolder tree (once), so the demo reads them through
@@ -288,12 +294,7 @@ def prepare_demo_data(args):
 def finish_demo(model, model_without_ddp, args, device, world, rank):
     """After training: NLL on the held-out digits and a grid of samples, one row per class."""
     from util.sampling import save_sample_grid
-    dataset_val = image_folder(args.data_path, "val", args.img_size, args.class_num)
-    pin_memory = args.pin_mem and device.type == "cuda"
-    bpd = evaluate_nll(model, eval_loader(dataset_val, args.nll_bsz, args.num_workers, pin_memory, world, rank),
-                       device, args)
-    print_rank0(f"BPD: {bpd:.5f}")
-    misc.update_results(args.output_dir, nll={"bpd": bpd, "images": len(dataset_val), "forward_number": 1})
+    report_nll(model, image_folder(args.data_path, "val", args.img_size, args.class_num), args, device, world, rank)
     if misc.is_main_process():
         path = os.path.join(args.output_dir, "samples.png")
         save_sample_grid(model_without_ddp, path, args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,

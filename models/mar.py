@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models.layers import Block, PatchGenerator, guidance_batch, sampling_steps, take_rows
+from models.layers import Block, PatchGenerator, guidance_batch, is_mask, sampling_steps, take_rows
 from models.pixelloss import PixelLoss
 
 
@@ -81,7 +81,7 @@ class MAR(PatchGenerator):
         x = self.patch_emb_ln(x + self.pos_embed_learned)
         if rows is None:
             rows = slice(self.num_prefix, None)
-        elif isinstance(rows, torch.Tensor) and rows.dtype == torch.bool:
+        elif is_mask(rows):
             rows = torch.cat([rows.new_zeros(rows.size(0), self.num_prefix), rows], dim=1)
         else:
             rows = rows + self.num_prefix
@@ -94,7 +94,7 @@ class MAR(PatchGenerator):
         if rows is None:
             return torch.cat([out, out.new_zeros(n, 1, d)], dim=1)
         full = out.new_zeros(n, self.seq_len + 1, d)
-        if rows.dtype == torch.bool:
+        if is_mask(rows):
             return full.index_put((torch.cat([rows, rows.new_zeros(n, 1)], dim=1),), out)
         return full.scatter(1, rows[..., None].expand(-1, -1, d), out)
 
@@ -104,7 +104,7 @@ class MAR(PatchGenerator):
         the left (zeros at the border). pos: (n, r) indices, giving (n, r, D) each, or an (n, seq_len)
         mask, giving (m, D) each in row-major order."""
         table = neighbour_table(self.grid, padded.device)
-        if pos.dtype == torch.bool:
+        if is_mask(pos):
             b, p = pos.nonzero(as_tuple=True)
             return [padded[b, table[k][p]] for k in range(num_conds)]
         return [take_rows(padded, table[k][pos]) for k in range(num_conds)]
