@@ -196,6 +196,8 @@ def main(args):
     misc.init_distributed_mode(args)
     check_args(args)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        misc.keep_freed_memory()
     torch.manual_seed(args.seed + misc.get_rank())
     np.random.seed(args.seed + misc.get_rank())
     training = not (args.evaluate_gen or args.evaluate_nll)

@@ -136,11 +136,25 @@ def peak_train_memory(workload, ckpt):
 
 
 # ----------------------------------------------------------------------------- the workload
+def set_up_allocator(args):
+    """With --allocator own, malloc is set up as the implementation's own CLI does on the CPU: ours
+    keeps freed memory (util.misc.keep_freed_memory); a checkout without that function keeps glibc's
+    defaults. Call with the checkout first on sys.path. Returns what was done."""
+    if args.allocator != "own" or torch.device(args.device).type != "cpu":
+        return "default"
+    try:
+        from util.misc import keep_freed_memory
+    except ImportError:
+        return "default"
+    return "keeps freed memory" if keep_freed_memory() else "default"
+
+
 class Workload:
     """One implementation's model and the four benchmark tasks, with fixed seeds per call."""
 
     def __init__(self, root, args):
         sys.path.insert(0, root)
+        self.allocator = set_up_allocator(args)
         import models.fractalgen as fractalgen
         self.fractalgen, self.args = fractalgen, args
         self.device = torch.device(args.device)
@@ -283,7 +297,7 @@ def serve(root, args):
     out = sys.stdout
     sys.stdout = sys.stderr  # stray prints (progress bars, warnings) must not break the protocol
     params = sum(p.numel() for p in workload.model.parameters())
-    print(json.dumps({"ready": True, "params": params}), file=out, flush=True)
+    print(json.dumps({"ready": True, "params": params, "allocator": workload.allocator}), file=out, flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         op, result = cmd["op"], {}
@@ -362,7 +376,8 @@ def run(args, worker_argv):
         for w in workers:
             w.wait_ready()
         result = {"config": config_summary(args), "load_before": load_before,
-                  "params": workers[0].info["params"], "impls": {w.name: w.root for w in workers}}
+                  "params": workers[0].info["params"], "impls": {w.name: w.root for w in workers},
+                  "allocator": {w.name: w.info["allocator"] for w in workers}}
         for w in workers:  # first calls: lazy initialisation, allocator growth, compilation
             result.setdefault("warmup_s", {})[w.name] = {t: w.ask("warmup", task=t)["seconds"] for t in tasks}
         times = {w.name: {t: [] for t in tasks} for w in workers}
@@ -411,6 +426,7 @@ def config_summary(args):
             "batch": args.batch, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
             "num_iter_list": args.num_iter_list, "temperature": args.temperature,
             "train_batch": args.train_batch, "nll_batch": args.nll_batch, "repeats": args.repeats,
+            "allocator": args.allocator,
             "model_kwargs": args.model_kwargs}
 
 
@@ -426,7 +442,9 @@ def report(result, markdown=False):
              "load average (1, 5, 15 min): before " + " ".join(f"{x:.2f}" for x in result["load_before"])
              + ", after " + " ".join(f"{x:.2f}" for x in result["load_after"]),
              f"matmul peak ({c['amp']}, measured each repeat): median {peak['median'] / 1e9:.1f} GFLOP/s "
-             f"[{peak['min'] / 1e9:.1f}, {peak['max'] / 1e9:.1f}]", ""]
+             f"[{peak['min'] / 1e9:.1f}, {peak['max'] / 1e9:.1f}]",
+             f"malloc (--allocator {c['allocator']}): " + ", ".join(f"{k} {v}" for k, v in result["allocator"].items()),
+             ""]
     lines += task_table(result, markdown) + [""]
     if len(result["times"]) > 1:
         lines.append("speedup = that implementation's median time / ours (above 1: ours is faster)")
@@ -506,6 +524,9 @@ def parse_args(argv=None):
     p.add_argument("--release_like", default=None, metavar="PATH",
                    help="also time the checkout at PATH with the release's per-pixel sampling schedule (the whole "
                         "head sequence again for each channel; see benchmarks/release_like.py)")
+    p.add_argument("--allocator", default="own", choices=["own", "default"],
+                   help="own: each implementation sets up malloc as its CLI does on the CPU (ours keeps freed memory, "
+                        "util.misc.keep_freed_memory); default: glibc's defaults for all, to compare the code alone")
     p.add_argument("--profile", action="store_true", help="per-level sampling time and the top ops")
     p.add_argument("--no_memory", dest="memory", action="store_false",
                    help="skip the peak training memory (one slow tracked step per setting on CPU)")

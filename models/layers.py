@@ -91,6 +91,19 @@ def split_heads(qkv, num_heads):
     return qkv.view(b, t, 3, num_heads, -1).unbind(2)
 
 
+# On the CPU, materializing the attention weights beats SDPA's kernels for the MAR levels: for 21 and
+# 69 tokens 1.1-1.5x in inference, and with dropout in training at every length measured (SDPA then
+# falls back to a slower path). SDPA stays faster for causal attention, single-query (KV-cached)
+# steps and, without dropout, a few hundred keys or more. benchmarks/attention.py measures these.
+CPU_EXPLICIT_MAX_KEYS = 128
+
+
+def explicit_is_faster(q, k, causal, dropout_p):
+    """Whether explicit_attention beats SDPA for these (b, heads, t, d) inputs (see above)."""
+    return (q.device.type == "cpu" and not causal and q.size(2) > 1
+            and (dropout_p > 0 or k.size(2) <= CPU_EXPLICIT_MAX_KEYS))
+
+
 def attend(q, k, v, causal=False, dropout_p=0.0, cache=None):
     """Multi-head attention with float32 logits (as released, also under autocast).
 
@@ -102,26 +115,47 @@ def attend(q, k, v, causal=False, dropout_p=0.0, cache=None):
     if cache is not None:
         k, v = cache.append(k, v)
     out_dtype = v.dtype
+    causal = causal and t > 1
     with float32_region(q.device):
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p,
-                                             is_causal=causal and t > 1)
+        q, k, v = q.float(), k.float(), v.float()
+        if explicit_is_faster(q, k, causal, dropout_p):
+            out = explicit_attention(q, k, v, causal, dropout_p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
     return out.to(out_dtype).transpose(1, 2).reshape(b, t, -1)
 
 
-class Dropout(nn.Dropout):
-    """nn.Dropout whose mask, on the CPU, comes from a uniform draw instead of bernoulli_.
+def explicit_attention(q, k, v, causal=False, dropout_p=0.0):
+    """softmax(q·kᵀ / √d)·v with the weights materialized, computed as the release does; q, k, v:
+    (b, heads, t, d). Causal means query i sees keys up to i + (keys − queries)."""
+    weights = (q @ k.transpose(-2, -1)).mul_(q.size(-1) ** -0.5)
+    if causal:
+        t, s = weights.shape[-2:]
+        future = torch.ones(t, s, dtype=torch.bool, device=q.device).triu_(s - t + 1)
+        weights = weights.masked_fill_(future, float("-inf"))
+    weights = weights.softmax(dim=-1)
+    if dropout_p:
+        weights = dropout(weights, dropout_p)
+    return weights @ v
 
-    The same distribution: each element is kept with probability 1 - p and scaled by 1 / (1 - p). On
-    the CPU torch draws dropout masks with bernoulli_, which took about a quarter of a training step of
-    fractalmar_small_in32 (benchmarks/bench.py); a uniform draw and a comparison take about half as
-    long. Other devices keep torch's fused kernel.
-    """
+
+def dropout(x, p):
+    """Training-mode dropout. On the CPU the mask comes from a uniform draw instead of bernoulli_:
+    the same distribution (each element kept with probability 1 - p, scaled by 1 / (1 - p)), but
+    torch's bernoulli_ took about a quarter of a training step of fractalmar_small_in32
+    (benchmarks/bench.py), and a uniform draw and a comparison take about half as long. Other
+    devices keep torch's fused kernel."""
+    if p == 0 or p == 1 or x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    keep = torch.rand(x.shape, device=x.device).ge_(p).mul_(1 / (1 - p))
+    return x * keep.to(x.dtype)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with `dropout`'s faster mask on the CPU."""
 
     def forward(self, x):
-        if not self.training or self.p == 0 or self.p == 1 or x.device.type != "cpu":
-            return super().forward(x)
-        keep = torch.rand(x.shape, device=x.device).ge_(self.p).mul_(1 / (1 - self.p))
-        return x * keep.to(x.dtype)
+        return dropout(x, self.p) if self.training else x
 
 
 class Attention(nn.Module):

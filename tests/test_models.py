@@ -8,7 +8,9 @@ import torch
 
 from helpers import FIXTURES, load_fixture, normalize_u8, pixel_head, random_images
 from models.fractalgen import FractalGen, build_model
-from models.layers import Dropout, attend, patchify, unpatchify
+import models.layers as layers
+from models.layers import Dropout, attend, explicit_attention, patchify, unpatchify
+from models.pixelloss import draw_categorical
 
 RELEASED = {  # name: (num_conds, guiding_pixel, parameters in millions)
     "fractalar_in64": (1, False, 442.07), "fractalmar_in64": (5, False, 432.00),
@@ -224,6 +226,58 @@ def test_attention_logits_stay_float32_under_autocast():
     ref = torch.nn.functional.scaled_dot_product_attention(
         *(z.float().transpose(1, 2) for z in (q, k, v)), is_causal=True).bfloat16().transpose(1, 2).reshape(2, 5, 16)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("queries, keys, causal", [(5, 5, False), (5, 5, True), (1, 3, False), (2, 6, True)])
+def test_explicit_attention_matches_sdpa(queries, keys, causal):
+    """Causal with fewer queries than keys: the queries are the last tokens (KV-cached steps)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, queries, 8), torch.randn(3, 2, keys, 8), torch.randn(3, 2, keys, 8)
+    visible = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries) if causal else None
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+    torch.testing.assert_close(explicit_attention(q, k, v, causal), ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_keys", [0, 128])
+def test_attend_gives_the_same_on_either_cpu_path(max_keys, monkeypatch):
+    """attend() picks explicit_attention or SDPA by shape; both give the released attention."""
+    monkeypatch.setattr(layers, "CPU_EXPLICIT_MAX_KEYS", max_keys)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 7, 3, 8) for _ in range(3))
+    assert layers.explicit_is_faster(q.transpose(1, 2), k.transpose(1, 2), False, 0.0) == (max_keys > 0)
+    ref = torch.nn.functional.scaled_dot_product_attention(*(z.transpose(1, 2) for z in (q, k, v)))
+    torch.testing.assert_close(attend(q, k, v), ref.transpose(1, 2).reshape(2, 7, 24), atol=1e-6, rtol=1e-5)
+
+
+def test_explicit_attention_dropout_keeps_rows_unbiased():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 1, 4000, 4), torch.randn(1, 1, 8, 4), torch.ones(1, 1, 8, 1)
+    out = explicit_attention(q, k, v, dropout_p=0.25)  # row sums of the dropped, rescaled weights
+    assert abs(out.mean().item() - 1.0) < 0.02  # 1 on average: kept weights are scaled by 1 / 0.75
+    assert out.std().item() > 0.1  # without dropout every row sums to exactly 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_categorical_draw_is_torch_multinomial(dtype):
+    """draw_categorical gives torch.multinomial's index for the same generator state and leaves the
+    generator where torch.multinomial leaves it, so seeds keep giving the same samples."""
+    for seed in range(40):
+        g = torch.Generator().manual_seed(1000 + seed)
+        probs = (torch.randn(33, 256, generator=g, dtype=dtype) * (1 + seed % 9)).softmax(-1)
+        torch.manual_seed(seed)
+        ref, ref_next = torch.multinomial(probs, 1), torch.rand(4)
+        torch.manual_seed(seed)
+        ours, ours_next = draw_categorical(probs), torch.rand(4)
+        assert torch.equal(ours, ref) and torch.equal(ours_next, ref_next), seed
+
+
+def test_categorical_draw_defers_to_a_replaced_multinomial_and_rejects_nan(monkeypatch):
+    probs = torch.tensor([[0.2, 0.5, 0.3]])
+    monkeypatch.setattr(torch, "multinomial", lambda p, num_samples=1: p.argmax(-1, keepdim=True))
+    assert draw_categorical(probs).tolist() == [[1]]
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="NaN"):
+        draw_categorical(torch.tensor([[0.5, float("nan")]]))
 
 
 def test_visualize_callable_sees_each_outer_step():
