@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import resource
 import statistics
@@ -41,13 +42,14 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device):
-    """Wall-clock seconds of fn(), with the device's queue drained before and after."""
+def timed(fn, device, calls=1):
+    """Wall-clock seconds per call of `calls` calls of fn(), the device's queue drained before and after."""
     synchronize(device)
     start = time.perf_counter()
-    fn()
+    for _ in range(calls):
+        fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / calls
 
 
 def matmul_peak(device, dtype, repeats=5):
@@ -304,9 +306,9 @@ def serve(root, args):
         if op == "quit":
             break
         if op == "time":
-            cpu = time.process_time()
-            result = {"seconds": timed(workload.task(cmd["task"]), workload.device),
-                      "cpu_seconds": time.process_time() - cpu}
+            cpu, calls = time.process_time(), cmd.get("calls", 1)
+            result = {"seconds": timed(workload.task(cmd["task"]), workload.device, calls),
+                      "cpu_seconds": (time.process_time() - cpu) / calls}
         elif op == "warmup":
             start = time.perf_counter()
             for _ in range(cmd.get("times", 1)):
@@ -380,6 +382,9 @@ def run(args, worker_argv):
                   "allocator": {w.name: w.info["allocator"] for w in workers}}
         for w in workers:  # first calls: lazy initialisation, allocator growth, compilation
             result.setdefault("warmup_s", {})[w.name] = {t: w.ask("warmup", task=t)["seconds"] for t in tasks}
+        # short tasks are timed over several calls per measurement, the same number for every implementation
+        calls = {t: max(1, math.ceil(args.min_time / max(result["warmup_s"]["ours"][t], 1e-6))) for t in tasks}
+        result["calls_per_measurement"] = calls
         times = {w.name: {t: [] for t in tasks} for w in workers}
         cpu_times = {w.name: {t: [] for t in tasks} for w in workers}
         peaks = []
@@ -388,7 +393,7 @@ def run(args, worker_argv):
             peaks.append(workers[0].ask("peak")["flops_per_s"])
             for task in tasks:
                 for w in order:
-                    answer = w.ask("time", task=task)
+                    answer = w.ask("time", task=task, calls=calls[task])
                     times[w.name][task].append(answer["seconds"])
                     cpu_times[w.name][task].append(answer["cpu_seconds"])
         result["matmul_peak_flops_per_s"] = summarize(peaks)
@@ -438,7 +443,8 @@ def report(result, markdown=False):
              f"threads {c['threads']}, {c['amp']}",
              f"sample: batch {c['batch']}, cfg {c['cfg']} {c['cfg_schedule']}, num_iter_list {c['num_iter_list']}, "
              f"temperature {c['temperature']}; train batch {c['train_batch']}; nll batch {c['nll_batch']}; "
-             f"{c['repeats']} interleaved repeats",
+             f"{c['repeats']} interleaved repeats; calls per measurement "
+             + ", ".join(f"{t} {n}" for t, n in result["calls_per_measurement"].items()),
              "load average (1, 5, 15 min): before " + " ".join(f"{x:.2f}" for x in result["load_before"])
              + ", after " + " ".join(f"{x:.2f}" for x in result["load_after"]),
              f"matmul peak ({c['amp']}, measured each repeat): median {peak['median'] / 1e9:.1f} GFLOP/s "
@@ -518,6 +524,8 @@ def parse_args(argv=None):
     p.add_argument("--nll_batch", type=int, default=16)
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--min_time", type=float, default=0.5,
+                   help="seconds: each measurement of a shorter task averages that many calls (set from ours' first call)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare", default=None, metavar="PATH",
                    help="another FractalGen checkout (same models/ layout), timed interleaved with ours")
