@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 
-def keep_freed_memory(mmap_threshold=256 << 20, trim_threshold=1 << 30):
+def keep_freed_memory(mmap_threshold=256 << 20, trim_threshold=256 << 20):
     """Have glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
 
     Eager PyTorch on the CPU allocates and frees tensors of megabytes at every op. By default glibc
