@@ -82,7 +82,7 @@ def main():
     print(f"CPU, {args.threads} threads, float32, {args.repeats} interleaved repeats; "
           f"models.layers uses explicit attention on the CPU up to {CPU_EXPLICIT_MAX_KEYS} keys")
     print(f"{'shape':36s} {'b×h×q×k×d':>18s}  {'inference ms (sdpa / explicit)':>32s}  "
-          f"{'train, dropout 0.1':>26s}  max |diff|")
+          f"{'train (MAR: dropout 0.1)':>26s}  max |diff|")
     for label, n, heads, queries, keys, dim, causal in SHAPES:
         fns, diff = inference(n, heads, queries, keys, dim, causal)
         inf = measure(fns, args.repeats)
