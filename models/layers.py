@@ -126,8 +126,9 @@ def attend(q, k, v, causal=False, dropout_p=0.0, cache=None):
 
 
 def explicit_attention(q, k, v, causal=False, dropout_p=0.0):
-    """softmax(q·kᵀ / √d)·v with the weights materialized, computed as the release does; q, k, v:
-    (b, heads, t, d). Causal means query i sees keys up to i + (keys − queries)."""
+    """softmax(q·kᵀ / √d)·v with the weights materialized (float32 logits, a max-subtracted softmax and
+    dropout on the weights, as SPEC.md describes the release); q, k, v: (b, heads, t, d). Causal means
+    query i sees keys up to i + (keys − queries)."""
     weights = (q @ k.transpose(-2, -1)).mul_(q.size(-1) ** -0.5)
     if causal:
         t, s = weights.shape[-2:]
