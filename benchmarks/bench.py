@@ -453,7 +453,8 @@ def report(result, markdown=False):
              ""]
     lines += task_table(result, markdown) + [""]
     if len(result["times"]) > 1:
-        lines.append("speedup = that implementation's median time / ours (above 1: ours is faster)")
+        lines.append("speedup = that implementation's median time / ours (above 1: ours is faster); "
+                     "paired = the median of the per-repeat ratios")
     lines.append("util = GFLOP/s over the median matmul peak; cpu s = process CPU time (all threads)")
     if "memory" in result:
         method = next(iter(next(iter(result["memory"].values())).values()))["method"]
@@ -476,7 +477,7 @@ def task_rows(result):
     peak = result["matmul_peak_flops_per_s"]["median"]
     batches = {"sample": c["batch"], "nll": c["nll_batch"], "train": c["train_batch"], "train_ckpt": c["train_batch"]}
     columns = ["task", "impl", "median s", "min s", "max s", "cpu s", "img/s", "GFLOP", "GFLOP/s", "util",
-               "speedup", "peak MiB"]
+               "speedup", "paired", "peak MiB"]
     rows = []
     for task in times["ours"]:
         for impl in times:
@@ -487,8 +488,15 @@ def task_rows(result):
                          f"{t['cpu_median']:.3f}", f"{batches[task] / t['median']:.2f}",
                          f"{flops[impl][task] / 1e9:.2f}", f"{rate / 1e9:.1f}", f"{rate / peak:.1%}",
                          "" if impl == "ours" else f"{t['median'] / times['ours'][task]['median']:.2f}x",
+                         "" if impl == "ours" else f"{paired_speedup(t['all'], times['ours'][task]['all']):.2f}x",
                          f"{memory['bytes'] / 2 ** 20:.1f}" if memory else ""])
     return columns, rows
+
+
+def paired_speedup(theirs, ours):
+    """Median over repeats of their time / ours, each pair measured back to back: steadier than the
+    ratio of medians when the machine's speed drifts during the run."""
+    return statistics.median(t / o for t, o in zip(theirs, ours))
 
 
 def task_table(result, markdown=False):
