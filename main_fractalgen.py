@@ -95,7 +95,7 @@ def get_args_parser():
 
 
 # The embedded default: a small FractalMAR on the bundled MNIST digits (16×16, one colour per class),
-# sized to run in about 7.5 minutes on 2 CPU cores and give recognisable digits. --temperature multiplies
+# sized to run in about 7 minutes on 2 CPU cores and give recognisable digits. --temperature multiplies
 # the logits (as released), so 2.0 sharpens them: it removes the speckle an undertrained pixel head leaves.
 DEMO_DEFAULTS = dict(
     model="fractalmar_tiny_in16", img_size=16, num_conds=5, class_num=10, data_path="data/demo",

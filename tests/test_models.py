@@ -272,8 +272,8 @@ def test_categorical_draw_is_torch_multinomial(dtype):
 
 
 def test_categorical_draw_defers_to_a_replaced_multinomial_and_rejects_nan(monkeypatch):
-    probs = torch.tensor([[0.2, 0.5, 0.3]])
-    monkeypatch.setattr(torch, "multinomial", lambda p, num_samples=1: p.argmax(-1, keepdim=True))
+    probs = torch.tensor([[1.0, 0.0, 0.0]])  # a real draw always gives 0
+    monkeypatch.setattr(torch, "multinomial", lambda p, num_samples=1: p.argmin(-1, keepdim=True))
     assert draw_categorical(probs).tolist() == [[1]]
     monkeypatch.undo()
     with pytest.raises(ValueError, match="NaN"):
