@@ -323,6 +323,8 @@ def serve(root, args):
             result = dict(zip(("bytes", "method"), peak_train_memory(workload, cmd["ckpt"])))
         elif op == "save_sample":
             torch.save(workload.sample().cpu(), cmd["path"])
+        elif op == "nll_value":
+            result = {"nll": float(workload.nll())}
         elif op == "profile":
             result = profile_levels(workload)
         print(json.dumps(result), file=out, flush=True)
@@ -405,6 +407,8 @@ def run(args, worker_argv):
                                          for t in tasks if t.startswith("train")} for w in workers}
         if len(workers) > 1 and "sample" in tasks:
             result["same_samples"] = same_samples(workers)
+        if len(workers) > 1 and "nll" in tasks:
+            result["same_nll"] = same_nll(workers)
         if args.profile:
             result["profile"] = {w.name: w.ask("profile") for w in workers}
         result["load_after"] = os.getloadavg()
@@ -424,6 +428,14 @@ def same_samples(workers):
             images.append(torch.load(path))
     diff = max(float((img - images[0]).abs().max()) for img in images[1:])
     return {"identical": diff == 0.0, "max_abs_diff": diff}
+
+
+def same_nll(workers):
+    """Whether every implementation computes the same NLL (nats per dim) for the same batch and seed."""
+    values = {w.name: w.ask("nll_value")["nll"] for w in workers}
+    first = next(iter(values.values()))
+    diff = max(abs(v - first) for v in values.values())
+    return {"values": values, "max_abs_diff": diff, "agree": diff < 1e-5}
 
 
 def config_summary(args):
@@ -462,6 +474,10 @@ def report(result, markdown=False):
     if "same_samples" in result:
         s = result["same_samples"]
         lines.append(f"\nsame samples for the same seed and weights: {s['identical']} (max abs diff {s['max_abs_diff']:.3g})")
+    if "same_nll" in result:
+        s = result["same_nll"]
+        lines.append(f"same NLL for the same batch and seed: {s['agree']} (" + ", ".join(
+            f"{name} {v:.6f}" for name, v in s["values"].items()) + f"; max abs diff {s['max_abs_diff']:.2g})")
     for impl, prof in result.get("profile", {}).items():
         lines += ["", f"sampling profile ({impl}): {prof['total']:.3f} s per call; self time per level"]
         for row in prof["levels"]:

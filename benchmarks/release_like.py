@@ -1,14 +1,18 @@
-"""The release's per-pixel sampling schedule, for timing our sampler against the release's work.
+"""The release's per-pixel head work, for timing our code against what the release computes.
 
 The release draws a pixel's R, G and B by running the head's whole 4-token sequence
 [condition, r, g, b] again for each channel (no KV cache), with the channels not drawn yet set to
 intensity 0. Causal attention makes each channel's logits the same as with one token at a time and a
 cache; only the amount of work differs (3 passes over 4 tokens instead of 3 passes over 1 token).
 
-`use_release_head(model)` puts that schedule into every pixel head of a FractalGen model, so that a
-checkout which otherwise computes what the release computes (the first faithful commit, d3433e0: full
-MAR outputs, AR with a KV cache) does the release's sampling work. bench.py's `--release_like PATH`
-uses it. Only the head's sampling changes; training and NLL are untouched.
+In training and the NLL the release runs the head on the 4-token sequence [condition, r, g, b]
+(SPEC.md, PixelLoss) and reads the logits of the first three positions; the b token's output is
+never used, and causal attention keeps it out of the others, so a 3-token sequence gives the same
+loss with a quarter less head work.
+
+`use_release_head(model)` puts both into every pixel head of a FractalGen model, so that a checkout
+which otherwise computes what the release computes (the first faithful commit, d3433e0: full MAR
+outputs, AR with a KV cache) does the release's head work. bench.py's `--release_like PATH` uses it.
 """
 import types
 
@@ -41,11 +45,27 @@ def release_schedule_sample(head, cond_list, temperature, cfg, filter_threshold=
     return pixels
 
 
+def release_teacher_forced_predict(head, target, cond_list):
+    """PixelLoss.predict on the release's 4-token sequence; same arguments and result as the original."""
+    target = head.to_intensities(target.reshape(target.size(0), 3))
+    x = torch.stack([head.cond_proj(cond_list[0])] + [codebook(target[:, i]) for i, codebook in
+                                                      enumerate(head.codebooks())], dim=1)
+    x = head.ln(x)
+    for block in head.blocks:
+        x = block(x)
+    x = head.norm(x)
+    logits = torch.stack([mlm(x[:, c], codebook.weight) for c, (mlm, codebook) in
+                          enumerate(zip(head.heads(), head.codebooks()))], dim=1)
+    return logits, target
+
+
 def use_release_head(model):
-    """Give every per-pixel head (class PixelLoss) of `model` the release's sampling schedule."""
+    """Give every per-pixel head (class PixelLoss) of `model` the release's sampling schedule and its
+    4-token teacher-forced sequence."""
     heads = [m for m in model.modules() if type(m).__name__ == "PixelLoss"]
     if not heads:
         raise ValueError("no PixelLoss module in this model: is it a FractalGen?")
     for head in heads:
         head.sample = types.MethodType(release_schedule_sample, head)
+        head.predict = types.MethodType(release_teacher_forced_predict, head)
     return model

@@ -73,6 +73,28 @@ def test_release_like_head_draws_the_same_pixels_with_more_work():
     assert count_flops(lambda: draw(release_head)) > 2 * count_flops(lambda: draw(head))
 
 
+def test_release_like_head_gives_the_same_loss_with_more_work():
+    """The release's 4-token teacher-forced head sequence (benchmarks/release_like.py) must give our
+    3-token loss, in training and for the NLL, and cost more FLOPs."""
+    import copy
+    import torch
+    from benchmarks.bench import count_flops
+    from benchmarks.release_like import use_release_head
+    from models.fractalgen import build_model
+    torch.manual_seed(0)
+    ours = build_model("fractalmar_tiny_in16", class_num=10, num_conds=5, r_weight=5.0)
+    release = use_release_head(copy.deepcopy(ours))
+    images, labels = torch.rand(4, 3, 16, 16) * 2 - 1, torch.arange(4)
+
+    def loss(model, training):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return model.train(training)(images, labels)
+    for training in (True, False):
+        assert torch.allclose(loss(ours, training), loss(release, training), rtol=1e-5, atol=1e-6)
+        assert count_flops(lambda: loss(release, training)) > count_flops(lambda: loss(ours, training))
+
+
 @pytest.mark.slow
 def test_gpu_check_script_runs_on_tiny_models(tmp_path):
     """benchmarks/gpu_check.sh is run on a lent GPU with no time to debug it: check it here on the CPU."""
