@@ -26,10 +26,11 @@ def draw_categorical(probs):
     if (probs.device.type != "cpu" or probs.dtype not in (torch.float32, torch.float64)
             or torch.multinomial is not _TORCH_MULTINOMIAL):
         return torch.multinomial(probs, num_samples=1)
-    if not bool(((probs >= 0) & (probs < float("inf"))).all()):
+    lowest, highest = torch.aminmax(probs) if probs.numel() else (0, 0)
+    if not (float(lowest) >= 0 and float(highest) < float("inf")):  # NaN fails both
         raise ValueError("the pixel head's probabilities contain NaN, inf or negative values: the model "
                          "weights or its conditions are not finite (check the checkpoint and --temperature)")
-    exponentials = torch.log1p(torch.rand(probs.shape, dtype=torch.float64).neg_()).neg_().to(probs.dtype)
+    exponentials = torch.rand(probs.shape, dtype=torch.float64).neg_().log1p_().neg_().to(probs.dtype)
     return (probs / exponentials).argmax(dim=-1, keepdim=True)
 
 
@@ -45,16 +46,19 @@ class TiedLogits(nn.Module):
             return h.float() @ codebook_weight.float().t() + self.bias.float()
 
 
-def guided_logits(cond, uncond, cfg, filter_threshold):
-    """Classifier-free guidance on logits, as released.
+def guided_logits(logits, cfg, filter_threshold):
+    """Classifier-free guidance on logits [conditional; unconditional] (2n, 256), as released.
 
     Where the conditional probability is below `filter_threshold`, the unconditional logit is raised
     to at least the conditional one (shifted to the same maximum), so guidance cannot promote
-    intensities the conditional model finds very unlikely.
+    intensities the conditional model finds very unlikely. No probability is below a threshold of 0,
+    so then that step is skipped.
     """
-    unlikely = torch.softmax(cond, dim=-1) < filter_threshold
-    shifted = cond - cond.max(dim=-1, keepdim=True)[0] + uncond.max(dim=-1, keepdim=True)[0]
-    uncond = torch.where(unlikely, torch.maximum(uncond, shifted), uncond)
+    cond, uncond = logits.chunk(2)
+    if filter_threshold > 0:
+        cond_max, uncond_max = logits.view(2, -1, logits.size(-1)).amax(dim=-1, keepdim=True)
+        unlikely = torch.softmax(cond, dim=-1) < filter_threshold
+        uncond = torch.where(unlikely, torch.maximum(uncond, cond - cond_max + uncond_max), uncond)
     return uncond + cfg * (cond - uncond)
 
 
@@ -135,7 +139,7 @@ class PixelLoss(nn.Module):
             if temperature != 1.0:  # multiplying by 1.0 changes nothing
                 logits = logits * temperature
             if guided:
-                logits = guided_logits(logits[:bsz], logits[bsz:], cfg, filter_threshold)
+                logits = guided_logits(logits, cfg, filter_threshold)
             ids = draw_categorical(torch.softmax(logits, dim=-1)).reshape(-1)
             intensities.append(ids)
             if c < 2:

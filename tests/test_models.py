@@ -10,7 +10,7 @@ from helpers import FIXTURES, load_fixture, normalize_u8, pixel_head, random_ima
 from models.fractalgen import FractalGen, build_model
 import models.layers as layers
 from models.layers import Dropout, attend, explicit_attention, patchify, unpatchify
-from models.pixelloss import draw_categorical
+from models.pixelloss import draw_categorical, guided_logits
 
 RELEASED = {  # name: (num_conds, guiding_pixel, parameters in millions)
     "fractalar_in64": (1, False, 442.07), "fractalmar_in64": (5, False, 432.00),
@@ -278,6 +278,23 @@ def test_categorical_draw_defers_to_a_replaced_multinomial_and_rejects_nan(monke
     monkeypatch.undo()
     with pytest.raises(ValueError, match="NaN"):
         draw_categorical(torch.tensor([[0.5, float("nan")]]))
+    for bad in ([[0.5, float("inf")]], [[1.5, -0.5]]):
+        with pytest.raises(ValueError, match="negative"):
+            draw_categorical(torch.tensor(bad))
+    assert draw_categorical(torch.empty(0, 256)).shape == (0, 1)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1e-4, 0.02])
+def test_guided_logits_follow_the_released_rule(threshold):
+    """Guidance as SPEC.md states it, written out plainly; a threshold of 0 filters nothing."""
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(2, 7, 256, generator=g) * 3
+    shifted = cond - cond.max(dim=-1, keepdim=True).values + uncond.max(dim=-1, keepdim=True).values
+    raised = torch.where(cond.softmax(-1) < threshold, torch.maximum(uncond, shifted), uncond)
+    expected = raised + 2.5 * (cond - raised)
+    assert torch.equal(guided_logits(torch.cat([cond, uncond]), 2.5, threshold), expected)
+    if threshold:  # the filter has changed something, or the test would not tell
+        assert not torch.equal(raised, uncond)
 
 
 def test_visualize_callable_sees_each_outer_step():
