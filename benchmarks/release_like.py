@@ -19,11 +19,17 @@ import types
 import torch
 
 
+def release_guidance(cond, uncond, cfg, filter_threshold):
+    """Classifier-free guidance as SPEC.md states the release's (checkouts differ in how they call theirs)."""
+    shifted = cond - cond.max(dim=-1, keepdim=True)[0] + uncond.max(dim=-1, keepdim=True)[0]
+    uncond = torch.where(torch.softmax(cond, dim=-1) < filter_threshold, torch.maximum(uncond, shifted), uncond)
+    return uncond + cfg * (cond - uncond)
+
+
 @torch.no_grad()
 def release_schedule_sample(head, cond_list, temperature, cfg, filter_threshold=0):
     """PixelLoss.sample with the release's schedule; same arguments and result as the original."""
     from models.layers import guidance_batch, imagenet_stats  # the checkout's own modules
-    from models.pixelloss import guided_logits
     cond = cond_list[0]
     guided, bsz = guidance_batch(cond, cfg)
     mean, std = imagenet_stats(cond.device)
@@ -38,7 +44,7 @@ def release_schedule_sample(head, cond_list, temperature, cfg, filter_threshold=
             x = block(x)
         logits = heads[c](head.norm(x[:, c]), codebooks[c].weight) * temperature
         if guided:
-            logits = guided_logits(logits[:bsz], logits[bsz:], cfg, filter_threshold)
+            logits = release_guidance(logits[:bsz], logits[bsz:], cfg, filter_threshold)
         ids = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1).reshape(-1)
         pixels[:, c] = (ids.float() / 255 - mean[c]) / std[c]
         drawn[:, c] = torch.cat([ids, ids]) if guided else ids
