@@ -127,7 +127,7 @@ class PixelLoss(nn.Module):
         Logits are multiplied by `temperature`, as released. One token at a time with a KV cache.
         """
         cond = cond_list[0]
-        guided, bsz = guidance_batch(cond, cfg)
+        guided = guidance_batch(cond, cfg)[0]
         caches = [KVCache(3) for _ in self.blocks]
         intensities = []
         token = self.cond_proj(cond)
