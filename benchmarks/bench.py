@@ -554,8 +554,9 @@ def parse_args(argv=None):
     p.add_argument("--compare", default=None, metavar="PATH",
                    help="another FractalGen checkout (same models/ layout), timed interleaved with ours")
     p.add_argument("--release_like", default=None, metavar="PATH",
-                   help="also time the checkout at PATH with the release's per-pixel sampling schedule (the whole "
-                        "head sequence again for each channel; see benchmarks/release_like.py)")
+                   help="also time the checkout at PATH with the release's per-pixel head work (the whole head "
+                        "sequence again for each channel in sampling, 4 tokens in training and NLL; see "
+                        "benchmarks/release_like.py)")
     p.add_argument("--allocator", default="own", choices=["own", "default"],
                    help="own: each implementation sets up malloc as its CLI does on the CPU (ours keeps freed memory, "
                         "util.misc.keep_freed_memory); default: glibc's defaults for all, to compare the code alone")
