@@ -172,7 +172,7 @@ def check_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise misc.UserError(f"unknown --device {name!r}; use cpu, cuda or cuda:N") from None
+        raise misc.UserError(f"--device {name} is not a device: use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise misc.UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     if device.type not in ("cpu", "cuda"):
@@ -227,9 +227,15 @@ def main(args):
           f"-> {args.output}, {pair}")
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """Run the command; a bad input prints one line and returns 2, having written nothing."""
     try:
-        main(get_args_parser().parse_args())
+        main(get_args_parser().parse_args(argv))
     except misc.UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
