@@ -196,19 +196,19 @@ def test_ar_edit_draws_from_the_conditional_distribution(monkeypatch):
 
 # ----------------------------------------------------------------------------- masks
 def test_named_masks_and_boxes():
-    left = edit.make_mask("left", "unused.png", 16)
+    left = edit.make_mask("left", 16)
     assert left[:, :8].all() and not left[:, 8:].any()
-    assert torch.equal(edit.make_mask("right", "unused.png", 16), ~left)
-    top = edit.make_mask("top", "unused.png", 16)
-    assert top[:8].all() and not top[8:].any() and torch.equal(edit.make_mask("bottom", "unused.png", 16), ~top)
-    center = edit.make_mask("center", "unused.png", 16)
+    assert torch.equal(edit.make_mask("right", 16), ~left)
+    top = edit.make_mask("top", 16)
+    assert top[:8].all() and not top[8:].any() and torch.equal(edit.make_mask("bottom", 16), ~top)
+    center = edit.make_mask("center", 16)
     assert center.sum() == 64 and center[4:12, 4:12].all()
-    assert torch.equal(edit.make_mask("border", "unused.png", 16), ~center)
-    box = edit.make_mask("2,3,10,5", "unused.png", 16)
+    assert torch.equal(edit.make_mask("border", 16), ~center)
+    box = edit.make_mask("2,3,10,5", 16)
     assert box.sum() == 8 * 2 and box[3:5, 2:10].all()
     for bad in ("2,3,20,5", "5,3,2,8", "middle"):
         with pytest.raises(edit.misc.UserError):
-            edit.make_mask(bad, "unused.png", 16)
+            edit.make_mask(bad, 16)
 
 
 def test_mask_images_are_cropped_like_the_image(tmp_path):
@@ -217,13 +217,13 @@ def test_mask_images_are_cropped_like_the_image(tmp_path):
     mask = np.full((20, 32), 255, np.uint8)
     mask[:, 12:20] = 0  # a known band in the middle
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    unknown = edit.make_mask(str(tmp_path / "mask.png"), str(tmp_path / "wide.png"), 16)
+    unknown = edit.make_mask(str(tmp_path / "mask.png"), 16, str(tmp_path / "wide.png"))
     assert unknown.shape == (16, 16) and 0 < (~unknown).sum() < 16 * 16 and unknown[:, 0].all()
     mask[:] = 255
     mask[:, :3] = 0  # known only at the left edge, which the crop removes
     Image.fromarray(mask).save(tmp_path / "edge.png")
     with pytest.raises(edit.misc.UserError, match="outside the 16x16 center crop"):
-        edit.make_mask(str(tmp_path / "edge.png"), str(tmp_path / "wide.png"), 16)
+        edit.make_mask(str(tmp_path / "edge.png"), 16, str(tmp_path / "wide.png"))
 
 
 # ----------------------------------------------------------------------------- the command

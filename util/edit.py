@@ -89,14 +89,16 @@ def image_mask(path, image_size, img_size):
     return unknown
 
 
-def make_mask(mask, image_path, img_size):
-    """The mask given on the command line (a shape, a box or a file) as (S, S) bool, true = unknown."""
+def make_mask(mask, img_size, image_path=None):
+    """A mask as the command line gives it (a shape, a box or a file) as (S, S) bool, true = unknown.
+    A mask image may have the size of the image at `image_path` (None: the model's size only)."""
     if mask in SHAPES or (mask.count(",") == 3 and not os.path.exists(mask)):
         return shape_mask(mask, img_size)
     if not os.path.exists(mask):
         raise misc.UserError(f"--mask must be one of {', '.join(SHAPES)}, a box x0,y0,x1,y1 or a mask image file; "
                              f"no file {mask}")
-    return image_mask(mask, open_image(image_path).size, img_size)
+    image_size = open_image(image_path).size if image_path else (img_size, img_size)
+    return image_mask(mask, image_size, img_size)
 
 
 # ----------------------------------------------------------------------------- editing
@@ -212,7 +214,7 @@ def main(args):
         raise misc.UserError(f"--num_iter_list needs {model.num_fractal_levels - 1} values for {settings['model']}, "
                              f"got {args.num_iter_list}")
     image = load_image(args.image, size)
-    unknown = make_mask(args.mask, args.image, size)
+    unknown = make_mask(args.mask, size, args.image)
     if not unknown.any():
         raise misc.UserError(f"the mask {args.mask} leaves no pixel unknown: nothing to edit (white = unknown)")
     labels = torch.tensor(classes).repeat_interleave(args.num_samples)
