@@ -6,7 +6,7 @@ class of your choice, keeping the known pixels exactly.
 
 writes edit.png (the edited images in one row, one row per class, each at the model's size, known
 pixels exactly as in the input) and edit_side_by_side.png (input, mask, samples; enlarged).
---model NAME uses a released model's checkpoint from pretrained_models/ (python -m util.download NAME).
+--model NAME uses a released model's checkpoint, fetched into pretrained_models/ by util.download.
 
 Masks (white = unknown, to be generated): a mask image, or a shape on the model's image:
 center (the middle half of each side), left/right/top/bottom (that half), border (all but the
@@ -147,10 +147,12 @@ def save_png(tensor, path):
 # ----------------------------------------------------------------------------- command line
 def get_args_parser():
     p = argparse.ArgumentParser("python -m util.edit", description=__doc__.split("\n\n")[0])
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", help="a checkpoint written by main_fractalgen.py (its args name the model)")
-    which.add_argument("--model", help="a released model, from <download_dir>/<model>/checkpoint-last.pth")
+    p.add_argument("--checkpoint", help="a checkpoint written by main_fractalgen.py (its args name the model), or "
+                                        "a released one given with --model")
+    p.add_argument("--model", help="a released model: alone, its checkpoint as util.download fetches it into "
+                                   "<download_dir>/<model>/checkpoint-last.pth")
     p.add_argument("--download_dir", default="pretrained_models")
+    p.add_argument("--url", default=None, help="with --model: where to download its checkpoint (release README)")
     p.add_argument("--image", required=True, help="the image to edit (any size: center-cropped and resized)")
     p.add_argument("--mask", required=True, help=f"{', '.join(SHAPES)}, a box x0,y0,x1,y1 or a mask image "
                                                  "(white = unknown)")
@@ -182,6 +184,15 @@ def check_device(name):
     return device
 
 
+def released_checkpoint(name, download_dir, url=None):
+    """The released model's checkpoint, fetched by util.download unless it is there already."""
+    from util.download import DownloadError, download_pretrained
+    try:
+        return download_pretrained(name, download_dir, url=url)
+    except DownloadError as e:
+        raise misc.UserError(str(e)) from None
+
+
 def parse_ints(text, flag):
     try:
         return [int(v) for v in text.split(",")]
@@ -200,10 +211,11 @@ def main(args):
         raise misc.UserError(f"--output must name a .png file, got {args.output}")
     for path in (args.image, *([args.mask] if args.mask not in SHAPES and args.mask.count(",") != 3 else [])):
         open_image(path)  # a missing or unreadable file stops us before the model loads
-    checkpoint = args.checkpoint or os.path.join(args.download_dir, args.model, "checkpoint-last.pth")
+    if not (args.checkpoint or args.model):
+        raise misc.UserError("give --checkpoint PATH, or --model NAME for a released model")
+    checkpoint = args.checkpoint or released_checkpoint(args.model, args.download_dir, args.url)
     if not os.path.isfile(checkpoint):
-        raise misc.UserError(f"no checkpoint at {checkpoint}" + (f": python -m util.download {args.model}"
-                                                                  if args.model else ""))
+        raise misc.UserError(f"no checkpoint at {checkpoint}")
     model, settings = load_model(checkpoint, device, model_name=args.model)
     size = settings["img_size"]
     bad = [c for c in classes if not 0 <= c < settings["class_num"]]
