@@ -185,8 +185,8 @@ class MAR(PatchGenerator):
         if self.guiding_pixel:
             guiding_pixel = self.guiding_pixel_loss.sample(cond_list, temperature, cfg, filter_threshold)
             if known is not None:
-                some_unknown = known[1].flatten(1).any(dim=1, keepdim=True)
-                guiding_pixel = torch.where(some_unknown, guiding_pixel, known[0].mean(dim=(2, 3)).to(guiding_pixel.dtype))
+                some_unknown, mean_colour = known[1].flatten(1).any(dim=1, keepdim=True), known[0].mean(dim=(2, 3))
+                guiding_pixel = torch.where(some_unknown, guiding_pixel, mean_colour.to(guiding_pixel.dtype))
             cond_list.append(double(guiding_pixel))
         patches = torch.zeros(bsz, self.seq_len, 3 * self.patch_size ** 2, device=device, dtype=self.pixel_dtype())
         orders = self.sample_orders(bsz).to(device)

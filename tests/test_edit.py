@@ -118,7 +118,8 @@ def test_nothing_unknown_returns_the_input_without_running_the_generator(name, m
         raise AssertionError("the generator ran")
     monkeypatch.setattr(model.generator, "sample", fail)
     imgs = random_images(2, 16)
-    out = model.generate(torch.tensor([0, 1]), steps(model), images=imgs, unknown=torch.zeros(2, 16, 16, dtype=torch.bool))
+    nothing = torch.zeros(2, 16, 16, dtype=torch.bool)
+    out = model.generate(torch.tensor([0, 1]), steps(model), images=imgs, unknown=nothing)
     assert torch.equal(out, imgs)
 
 
