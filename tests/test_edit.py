@@ -195,6 +195,31 @@ def test_ar_edit_draws_from_the_conditional_distribution(monkeypatch):
     assert abs(float(other[in_generation_order(model, unknown)].sum() - drawn)) > 1e-3 * abs(float(drawn))
 
 
+def test_mar_conditions_an_unknown_patch_on_all_the_known_ones(monkeypatch):
+    """fractalmar_tiny_in16, one unknown patch per image: the five conditions the MAR level hands down
+    for it are its teacher-forced outputs with every other patch visible (MAR.predict)."""
+    model = make("mar")
+    handed_down = []
+    real = model.next_fractal.sample
+
+    def recording(cond_list, **kwargs):
+        handed_down.append([c.clone() for c in cond_list])
+        return real(cond_list=cond_list, **kwargs)
+    monkeypatch.setattr(model.next_fractal, "sample", recording)
+    imgs, labels = random_images(2, 16), torch.tensor([4, 6])
+    unknown = torch.zeros(2, 16, 16, dtype=torch.bool)
+    unknown[0, 4:8, 8:12] = True  # patch 6
+    unknown[1, 12:16, 0:4] = True  # patch 12
+    with torch.no_grad():
+        model.generate(labels, [8, 4], images=imgs, unknown=unknown)
+        mask = torch.zeros(2, 16, dtype=torch.bool)
+        mask[0, 6] = mask[1, 12] = True
+        expected = model.generator.predict(model.generator.patchify(imgs), mask, [model.class_emb(labels)] * 5)
+    assert len(handed_down) == 1 and len(handed_down[0]) == 5
+    for ours, teacher_forced in zip(handed_down[0], expected):
+        torch.testing.assert_close(ours, teacher_forced[mask], atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- masks
 def test_named_masks_and_boxes():
     left = edit.make_mask("left", 16)
