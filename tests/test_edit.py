@@ -15,7 +15,6 @@ from helpers import ROOT, random_images
 from models.fractalgen import FractalGen, build_model
 from models.layers import patchify
 from models.pixelloss import PixelLoss
-from test_notebook import tiny_checkpoint
 
 
 def mixed_model(types, sizes=(16, 4, 1), guiding_pixel=False):
@@ -255,6 +254,7 @@ def test_mask_images_are_cropped_like_the_image(tmp_path):
 # ----------------------------------------------------------------------------- the command
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
+    from test_notebook import tiny_checkpoint  # (skips the command's tests where nbformat is missing)
     root = tmp_path_factory.mktemp("edit")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "image.png")
