@@ -4,8 +4,8 @@ class of your choice, keeping the known pixels exactly.
     python -m util.edit --checkpoint output_demo/checkpoint-last.pth --image data/demo/val/3/04101.png \
         --mask right --class 3,8 --num_samples 4 --output edit.png
 
-writes edit.png (the edited images in one row, one row per class, each at the model's size, known
-pixels exactly as in the input) and edit_side_by_side.png (input, mask, samples; enlarged).
+writes edit.png (the edits at the model's size, --num_samples to a row, one row per class, known
+pixels exactly as in the input) and edit_side_by_side.png (input, mask, edits; enlarged).
 --model NAME uses a released model's checkpoint, fetched into pretrained_models/ by util.download.
 
 Masks (white = unknown, to be generated): a mask image, or a shape on the model's image:
