@@ -5,7 +5,8 @@ import functools
 import torch
 import torch.nn as nn
 
-from models.layers import Dropout, KVCache, PatchGenerator, attend, guidance_batch, sampling_steps, split_heads
+from models.layers import (Dropout, KVCache, PatchGenerator, attend, guidance_batch, patchify, sampling_steps,
+                           split_heads)
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,26 +125,55 @@ class AR(PatchGenerator):
         return patches.reshape(-1, 3, p, p), [cond.reshape(-1, cond.size(-1))], 0
 
     def sample(self, cond_list, num_iter, cfg, cfg_schedule, temperature, filter_threshold,
-               next_level_sample_function, visualize=False):
+               next_level_sample_function, visualize=False, known=None):
         """Raster order, one patch per step (num_iter is ignored, as released). With cfg != 1 the
-        conditions are [conditional; unconditional] and both halves share the sampled patches."""
+        conditions are [conditional; unconditional] and both halves share the sampled patches.
+
+        known: (pixels (bsz, 3, S, S), unknown (bsz, S, S) bool, true where a pixel is to be made) to
+        generate only the unknown pixels. A fully known patch is taken as given (teacher-forced into
+        the KV cache), a partly known one goes down with its known pixels. Raster order cannot look
+        ahead: a patch is drawn given the known pixels before it, not those after it, so the draw is
+        exact for known pixels earlier in the order and approximate for later ones; either way known
+        pixels come out as given.
+        """
         cond = cond_list[0]
         guided, bsz = guidance_batch(cond, cfg)
         rope = self.rope(cond.device)
         caches = [KVCache(self.seq_len) for _ in self.blocks]
         patches = torch.zeros(bsz, self.seq_len, 3 * self.patch_size ** 2, device=cond.device,
                               dtype=self.pixel_dtype())
+        if known is not None:
+            p = self.patch_size
+            known = (self.patchify(known[0]).to(patches.dtype), patchify(known[1][:, None].float(), p) > 0)
         token = self.cond_emb(cond)
         for step in sampling_steps(self.seq_len, visualize, "AR steps"):
             x = self.patch_emb_ln(token.unsqueeze(1) + self.pos_embed_learned[:, step:step + 1])
             for block, cache in zip(self.blocks, caches):
                 x = block(x, rope[step:step + 1], cache)
             cfg_iter = 1 + (cfg - 1) * (step + 1) / self.seq_len if cfg_schedule == "linear" else cfg
-            patch = next_level_sample_function(cond_list=[self.norm(x)[:, 0]], cfg=cfg_iter,
-                                               temperature=temperature, filter_threshold=filter_threshold)
-            patches[:, step] = patch.reshape(bsz, -1)
+            settings = dict(cfg=cfg_iter, temperature=temperature, filter_threshold=filter_threshold)
+            if known is None:
+                patch = next_level_sample_function(cond_list=[self.norm(x)[:, 0]], **settings)
+                patches[:, step] = patch.reshape(bsz, -1)
+            else:
+                patches[:, step] = self.patch_around_known(self.norm(x)[:, 0], known[0][:, step], known[1][:, step],
+                                                           next_level_sample_function, guided, settings)
             if callable(visualize):
                 visualize(self.unpatchify(patches))
             if step + 1 < self.seq_len:
                 token = self.patch_emb(torch.cat([patches[:, step]] * 2) if guided else patches[:, step])
         return self.unpatchify(patches)
+
+    def patch_around_known(self, cond, pixels, unknown, next_level_sample_function, guided, settings):
+        """One patch of each image (bsz, 3p²): the known pixels `pixels` where `unknown` (bsz, p²) is
+        false; the next level draws the rest, from the conditions `cond` of the images that have some."""
+        p = self.patch_size
+        todo = unknown.any(dim=1)
+        patch = pixels.clone()
+        if bool(todo.any()):
+            given = {} if bool(unknown[todo].all()) else \
+                {"known": (pixels[todo].reshape(-1, 3, p, p), unknown[todo].reshape(-1, p, p))}
+            drawn = next_level_sample_function(cond_list=[cond[torch.cat([todo, todo]) if guided else todo]],
+                                               **settings, **given)
+            patch[todo] = drawn.reshape(-1, patch.size(1)).to(patch.dtype)
+        return patch

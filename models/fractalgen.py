@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from models.ar import AR
 from models.layers import imagenet_stats
-from models.mar import MAR
+from models.mar import CONDITIONS, MAR
 from models.pixelloss import PixelLoss
 
 GENERATORS = {"ar": AR, "mar": MAR}
@@ -117,7 +117,7 @@ class FractalGen(nn.Module):
                 class_embedding = torch.where(drop, self.fake_latent.to(class_embedding.dtype), class_embedding)
             else:
                 class_embedding = self.fake_latent.expand(imgs.size(0), -1)
-            cond_list = [class_embedding] * 5
+            cond_list = [class_embedding] * len(CONDITIONS)
         patches, cond_list, guiding_pixel_loss = self.generator(imgs, cond_list)
         return self.next_fractal(patches, cond_list) + guiding_pixel_loss
 
@@ -135,14 +135,17 @@ class FractalGen(nn.Module):
             raise ValueError(f"cond_list needs at least {num_conds} conditions, got {len(cond_list)}")
 
     def sample(self, cond_list, num_iter_list, cfg, cfg_schedule, temperature, filter_threshold, fractal_level,
-               visualize=False):
-        """Generate images, normalized, (n, 3, S, S), from level-0 conditions.
+               visualize=False, known=None):
+        """Generate images, normalized, (n, 3, S, S), from level-0 conditions (release-compatible;
+        `generate` builds the conditions from class labels).
 
         cond_list: class embeddings (with cfg != 1: [class embeddings; fake_latent copies]).
         num_iter_list: steps per generator level (AR levels always take seq_len steps).
         Inner levels use a constant schedule with the cfg the outer level passes for that step.
         visualize: a callable given the partially generated image after each outer step, or True
         for a progress bar.
+        known: (pixels (n, 3, S, S) normalized, unknown (n, S, S) bool): make only the unknown pixels
+        and keep the others exactly (see AR.sample and MAR.sample for what each level does).
         """
         if fractal_level == 0:
             self.check_sample_args(cond_list, num_iter_list, cfg, cfg_schedule)
@@ -152,7 +155,40 @@ class FractalGen(nn.Module):
         else:
             next_level_sample_function = self.next_fractal.sample
         return self.generator.sample(cond_list, num_iter_list[fractal_level], cfg, cfg_schedule, temperature,
-                                     filter_threshold, next_level_sample_function, visualize)
+                                     filter_threshold, next_level_sample_function, visualize, known=known)
+
+    @torch.no_grad()
+    def generate(self, labels, num_iter_list, cfg=1.0, cfg_schedule="linear", temperature=1.0, filter_threshold=1e-4,
+                 visualize=False, images=None, unknown=None):
+        """Images (n, 3, S, S), normalized, one per class label (n,): sampled, or with `images`
+        (n, 3, S, S) normalized and `unknown` (n, S, S) bool, edited: the pixels where `unknown` is
+        true are generated given the others, which come back exactly as given.
+
+        Builds the level-0 conditions: the class embeddings, with cfg != 1 followed by as many
+        `fake_latent` rows (the unconditional half of classifier-free guidance)."""
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.fake_latent.device)
+        if labels.dim() != 1 or not len(labels):
+            raise ValueError(f"labels must be a non-empty list of class indices, got {labels.tolist()}")
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"class labels must lie in [0, {self.num_classes}) for this model, got {labels.tolist()}")
+        known = None
+        if images is not None:
+            self.check_inputs(images, labels)
+            if unknown is None or unknown.shape != (images.size(0), *images.shape[2:]):
+                raise ValueError(f"unknown must be a bool mask of shape {(images.size(0), *images.shape[2:])}, "
+                                 f"one per image, got {None if unknown is None else tuple(unknown.shape)}")
+            unknown = unknown.bool()
+            if not bool(unknown.any()):  # nothing to make
+                return images.clone()
+            known = (images, unknown)
+        cond = self.class_emb(labels)
+        if cfg != 1.0:
+            cond = torch.cat([cond, self.fake_latent.repeat(len(labels), 1)])
+        out = self.sample([cond] * len(CONDITIONS), list(num_iter_list), cfg, cfg_schedule, temperature,
+                          filter_threshold, fractal_level=0, visualize=visualize, known=known)
+        if known is None:
+            return out
+        return torch.where(unknown[:, None], out.to(images.dtype), images)  # known pixels exactly as given
 
 
 # ----------------------------------------------------------------------------- configurations

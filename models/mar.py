@@ -7,8 +7,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models.layers import Block, PatchGenerator, guidance_batch, is_mask, sampling_steps, take_rows
+from models.layers import Block, PatchGenerator, guidance_batch, is_mask, patchify, sampling_steps, take_rows
 from models.pixelloss import PixelLoss
+
+
+# what a MAR level hands down per patch: its own output and those of its four neighbours (level 0
+# gets the class embedding in all five places)
+CONDITIONS = ("middle", "top", "right", "bottom", "left")
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,41 +167,85 @@ class MAR(PatchGenerator):
 
     # ------------------------------------------------------------------ sampling
     def sample(self, cond_list, num_iter, cfg, cfg_schedule, temperature, filter_threshold,
-               next_level_sample_function, visualize=False):
+               next_level_sample_function, visualize=False, known=None):
         """Start fully masked; at each of min(seq_len, num_iter) steps predict the masked patches that
         the cosine schedule unmasks, in each sample's random order. With cfg != 1 the conditions are
-        [conditional; unconditional] and both halves share patches and masks."""
+        [conditional; unconditional] and both halves share patches and masks.
+
+        known: (pixels (bsz, 3, S, S), unknown (bsz, S, S) bool, true where a pixel is to be made) to
+        generate only the unknown pixels. Fully known patches start unmasked, as if already predicted,
+        and the schedule runs over the others (steps: at most their number); partly known patches go
+        down with their known pixels. A guiding pixel is drawn as usual (it does not see the known
+        pixels), except that a fully known image's is its mean colour.
+        """
         guided, bsz = guidance_batch(cond_list[0], cfg)
         double = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
         device = cond_list[0].device
         cond_list = list(cond_list)
         if self.guiding_pixel:
-            cond_list.append(double(self.guiding_pixel_loss.sample(cond_list, temperature, cfg, filter_threshold)))
+            guiding_pixel = self.guiding_pixel_loss.sample(cond_list, temperature, cfg, filter_threshold)
+            if known is not None:
+                some_unknown, mean_colour = known[1].flatten(1).any(dim=1, keepdim=True), known[0].mean(dim=(2, 3))
+                guiding_pixel = torch.where(some_unknown, guiding_pixel, mean_colour.to(guiding_pixel.dtype))
+            cond_list.append(double(guiding_pixel))
         patches = torch.zeros(bsz, self.seq_len, 3 * self.patch_size ** 2, device=device, dtype=self.pixel_dtype())
         orders = self.sample_orders(bsz).to(device)
+        num_unknown = self.seq_len
+        if known is not None:
+            known_patches, unknown_pixels = self.patchify(known[0]).to(patches.dtype), self.pixel_mask(known[1])
+            patches, orders, num_unknown = self.start_from_known(known_patches, unknown_pixels, orders)
         ranks = torch.argsort(orders, dim=1)
-        batch_rows = torch.arange(bsz, device=device)[:, None]
         prefix = self.prefix_tokens(cond_list)
-        num_iter = min(self.seq_len, num_iter)
-        num_masked = self.seq_len
+        num_iter = min(int(np.max(num_unknown)), num_iter)
+        num_masked = num_unknown
         for step in sampling_steps(num_iter, visualize, "MAR steps"):
-            # how many stay masked after this step: at least one, at least one fewer than now
-            still_masked = int(np.floor(self.seq_len * np.cos(math.pi / 2 * (step + 1) / num_iter)))
-            still_masked = max(1, min(num_masked - 1, still_masked))
+            still_masked = masked_after(step, num_iter, num_unknown, num_masked)
             first = 0 if step == num_iter - 1 else still_masked  # the last step predicts all that remain
-            # positions predicted now, in increasing position order within each sample
-            pos = double(orders[:, first:num_masked].sort(dim=1).values)
-            rows = self.rows_read(pos)
-            out = self.encode(double(patches), double(ranks < num_masked), prefix, rows)
+            if np.ndim(num_masked) == 0:
+                # positions predicted now, in increasing position order within each sample
+                pos = double(orders[:, first:num_masked].sort(dim=1).values)
+                rows = self.rows_read(pos)
+            else:  # samples with different numbers of unknown patches: a mask of the positions
+                pos = double(rank_between(ranks, first, num_masked))
+                rows = self.needed_positions(pos)
+            out = self.encode(double(patches), double(rank_between(ranks, 0, num_masked)), prefix, rows)
             conds = [c.reshape(-1, c.size(-1)) for c in self.conditions_from(out, rows, pos)]
-            cfg_iter = 1 + (cfg - 1) * (self.seq_len - still_masked) / self.seq_len if cfg_schedule == "linear" else cfg
+            if cfg_schedule == "linear":  # known patches count as done; several masks in a batch: their mean
+                cfg_iter = float(1 + (cfg - 1) * (self.seq_len - np.mean(still_masked)) / self.seq_len)
+            else:
+                cfg_iter = cfg
+            given = {} if known is None else self.known_rows(known_patches, unknown_pixels, pos[:bsz])
             sampled = next_level_sample_function(cond_list=conds, cfg=cfg_iter, temperature=temperature,
-                                                 filter_threshold=filter_threshold)
-            patches[batch_rows, pos[:bsz]] = sampled.reshape(bsz, pos.size(1), -1).to(patches.dtype)
+                                                 filter_threshold=filter_threshold, **given)
+            put_rows(patches, pos[:bsz], sampled.to(patches.dtype))
             num_masked = still_masked
             if callable(visualize):
                 visualize(self.unpatchify(patches))
         return self.unpatchify(patches)
+
+    # ------------------------------------------------------------------ sampling around known pixels
+    def pixel_mask(self, unknown):
+        """(bsz, S, S) per-pixel mask -> (bsz, seq_len, p²), patch by patch as patchify lays them out."""
+        return patchify(unknown[:, None].float(), self.patch_size) > 0
+
+    def start_from_known(self, known_patches, unknown_pixels, orders):
+        """The fully known patches in place (copied exactly) and moved to the end of each order, so
+        that they are never masked. Returns (patches, orders, unknown patches per sample: an int
+        when all samples have the same number, else a numpy array)."""
+        unknown = unknown_pixels.any(dim=-1)  # (bsz, seq_len): patches with something to make
+        patches = torch.where(unknown[..., None], torch.zeros_like(known_patches), known_patches)
+        orders = orders.gather(1, torch.argsort((~unknown).gather(1, orders).int(), dim=1, stable=True))
+        counts = unknown.sum(dim=1).cpu().numpy()
+        return patches, orders, int(counts[0]) if (counts == counts[0]).all() else counts
+
+    def known_rows(self, known_patches, unknown_pixels, pos):
+        """What the next level needs to keep the known pixels of patches `pos` (see take_rows): its
+        `known` argument, or nothing when those patches have no known pixel (then it samples as usual)."""
+        p = self.patch_size
+        unknown = take_rows(unknown_pixels, pos).reshape(-1, p, p)
+        if bool(unknown.all()):
+            return {}
+        return {"known": (take_rows(known_patches, pos).reshape(-1, 3, p, p), unknown)}
 
     def rows_read(self, pos):
         """The patch outputs that conditions for positions `pos` (n, r) read, as (n, k·r) indices
@@ -209,3 +258,30 @@ class MAR(PatchGenerator):
         table = neighbour_table(self.grid, pos.device)[:self.num_conds_out]  # (k, seq_len)
         rows = table[:, pos].permute(1, 0, 2).reshape(pos.size(0), -1)
         return torch.where(rows == self.seq_len, pos.repeat(1, self.num_conds_out), rows)  # border: any valid row
+
+
+def masked_after(step, num_iter, num_unknown, num_masked):
+    """How many positions stay masked after `step`: the cosine schedule over the `num_unknown` ones,
+    at least one fewer than the `num_masked` now and at least one until the last step, at most
+    `num_masked` (ints, or per-sample numpy arrays)."""
+    still_masked = np.floor(num_unknown * np.cos(math.pi / 2 * (step + 1) / num_iter)).astype(int)
+    still_masked = np.minimum(num_masked, np.maximum(1, np.minimum(num_masked - 1, still_masked)))
+    return int(still_masked) if np.ndim(still_masked) == 0 else still_masked
+
+
+def rank_between(ranks, first, last):
+    """(n, seq_len) mask of the positions whose rank in the order is in [first, last) (ints or per-sample arrays)."""
+    if np.ndim(first) == 0 and np.ndim(last) == 0:
+        return (ranks >= first) & (ranks < last)
+    first, last = (torch.tensor(np.broadcast_to(v, ranks.shape[:1]), device=ranks.device)[:, None]
+                   for v in (first, last))
+    return (ranks >= first) & (ranks < last)
+
+
+def put_rows(x, rows, values):
+    """Write `values` into rows `rows` of x (n, t, d): a (n, t) bool mask, or (n, r) indices."""
+    if is_mask(rows):
+        x[rows] = values.reshape(-1, x.size(-1))
+    else:
+        batch_rows = torch.arange(x.size(0), device=x.device)[:, None]
+        x[batch_rows, rows] = values.reshape(*rows.shape, -1)

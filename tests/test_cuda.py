@@ -100,3 +100,17 @@ def test_cli_trains_evaluates_nll_and_generates_on_the_device(tmp_path):
                         "--cfg", "2.0", "--fid_stats", "none"])
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert len(list(out.glob("ariter*/*.png"))) == 6
+
+
+@pytest.mark.parametrize("precision", ["fp32"] + PRECISIONS)
+@pytest.mark.parametrize("name", ["fractalar_tiny_in16", "fractalmar_tiny_in16"])
+def test_editing_keeps_the_known_pixels_on_the_device(name, precision):
+    from util.edit import edit_images, shape_mask
+    torch.manual_seed(0)
+    mar = name.startswith("fractalmar")
+    model = build_model(name, class_num=10, num_conds=5 if mar else 1, guiding_pixel=mar).to(DEVICE)
+    image, unknown = torch.randint(0, 256, (3, 16, 16)) / 255, shape_mask("3,2,11,13", 16)
+    edits = edit_images(model, image, unknown, [1, 7], [4, 2], cfg=3.0, precision=precision, seed=5)
+    assert torch.equal(edits[:, :, ~unknown], image[:, ~unknown].expand(2, -1, -1))
+    assert (edits[:, :, unknown] != image[:, unknown]).float().mean() > 0.9
+    assert torch.equal(edits, edit_images(model, image, unknown, [1, 7], [4, 2], cfg=3.0, precision=precision, seed=5))

@@ -1,4 +1,4 @@
-"""demo/run_fractalgen.ipynb runs headless against a tiny checkpoint and shows the samples."""
+"""demo/run_fractalgen.ipynb runs headless against a tiny checkpoint and shows the samples and edits."""
 import base64
 import io
 import os
@@ -51,11 +51,18 @@ def test_notebook_samples_from_a_local_checkpoint(tmp_path):
                       cfg=2.0, temperature=1.0, seed=3, upscale=2, save_to=str(saved))
     pngs = [out["data"]["image/png"] for cell in nb.cells if cell.cell_type == "code"
             for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
-    assert len(pngs) == 1, "the notebook should show one picture of samples"
-    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(pngs[0]))).convert("RGB"))
+    assert len(pngs) == 2, "the notebook should show one picture of samples and one of edits"
+    shown, edited = (np.asarray(Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB")) for png in pngs)
     assert shown.shape == (2 + 3 * 34, 2 + 2 * 34, 3)  # 3 classes × 2 samples, 16×16 upscaled ×2, padded
     assert np.array_equal(shown, np.asarray(Image.open(saved)))
     assert shown[2:34, 2:34].std() > 10  # samples, not a blank
+    # the edit section: the first sample, its right half regenerated under classes 0 and 2, 4 edits each
+    assert edited.shape == (2 + 2 * 34, 2 + 6 * 34, 3)  # input, mask, 4 edits per row
+    tile = lambda row, col: edited[2 + 34 * row:34 * (row + 1), 2 + 34 * col:34 * (col + 1)]  # noqa: E731
+    assert np.array_equal(tile(0, 0), shown[2:34, 2:34])  # the input is the first sample
+    for row in range(2):
+        for col in range(2, 6):
+            assert np.array_equal(tile(row, col)[:, :16], tile(0, 0)[:, :16])  # the known left half, as given
     text = "".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", []))
     assert "fractalmar_tiny_in16" in text and "num_iter_list 2,2" in text  # settings read from the checkpoint
     sources = "\n".join(cell.source for cell in nb.cells)

@@ -46,25 +46,13 @@ def load_model(checkpoint_path, device="cpu", model_name=None):
 @torch.no_grad()
 def sample_classes(model, labels, num_iter_list, cfg=1.0, cfg_schedule="linear", temperature=1.0,
                    filter_threshold=1e-4, precision="fp32", visualize=False):
-    """Images in [0, 1], (n, 3, S, S), one per entry of `labels`, on the model's device.
-
-    With cfg != 1 the batch is doubled with `fake_latent` rows, the unconditional half of
-    classifier-free guidance. visualize=True shows a progress bar over the outer steps.
-    """
+    """Images in [0, 1], (n, 3, S, S), one per entry of `labels`, on the model's device, under the
+    autocast of `precision`. visualize=True shows a progress bar over the outer steps."""
     model.eval()
     device = next(model.parameters()).device
-    labels = torch.as_tensor(labels, dtype=torch.long, device=device)
-    if labels.dim() != 1 or not len(labels):
-        raise ValueError(f"labels must be a non-empty list of class indices, got {labels.tolist()}")
-    if labels.min() < 0 or labels.max() >= model.num_classes:
-        raise ValueError(f"class labels must lie in [0, {model.num_classes}) for this model, got {labels.tolist()}")
-    cond = model.class_emb(labels)
-    if cfg != 1.0:
-        cond = torch.cat([cond, model.fake_latent.repeat(len(labels), 1)])
     with autocast(device, precision):
-        images = model.sample(cond_list=[cond] * 5, num_iter_list=list(num_iter_list), cfg=cfg,
-                              cfg_schedule=cfg_schedule, temperature=temperature,
-                              filter_threshold=filter_threshold, fractal_level=0, visualize=visualize)
+        images = model.generate(labels, num_iter_list, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
+                                filter_threshold=filter_threshold, visualize=visualize)
     mean, std = imagenet_stats(images.device)
     return (images.float() * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)).clamp(0, 1)
 

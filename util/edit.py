@@ -1,0 +1,255 @@
+"""Image editing: regenerate the unknown part of an image (inpainting, outpainting, uncropping) under a
+class of your choice, keeping the known pixels exactly.
+
+    python -m util.edit --checkpoint output_demo/checkpoint-last.pth --image data/demo/val/3/04101.png \
+        --mask right --class 3,8 --num_samples 4 --output edit.png
+
+writes edit.png (the edits at the model's size, --num_samples to a row, one row per class, known
+pixels exactly as in the input) and edit_side_by_side.png (input, mask, edits; enlarged).
+--model NAME uses a released model's checkpoint, fetched into pretrained_models/ by util.download.
+
+Masks (white = unknown, to be generated): a mask image, or a shape on the model's image:
+center (the middle half of each side), left/right/top/bottom (that half), border (all but the
+center: outpainting), or a box x0,y0,x1,y1 in pixels (x1, y1 excluded). An image of another size is
+center-cropped and resized as the training data is; a mask image must have the image's size (or the
+model's) and is cropped with it.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+import torchvision.utils as vutils
+from PIL import Image
+
+import util.misc as misc
+from models.layers import imagenet_stats
+from util.crop import center_crop_arr
+
+SHAPES = ("center", "left", "right", "top", "bottom", "border")
+
+
+# ----------------------------------------------------------------------------- images and masks
+def load_image(path, img_size):
+    """(3, S, S) floats in [0, 1] (8-bit values / 255), center-cropped and resized as util/data.py does."""
+    image = open_image(path).convert("RGB")
+    return torch.from_numpy(np.array(center_crop_arr(image, img_size))).permute(2, 0, 1).float() / 255
+
+
+def open_image(path):
+    if not os.path.isfile(path):
+        raise misc.UserError(f"no file {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except OSError as e:
+        raise misc.UserError(f"cannot read {path} as an image ({e})") from None
+
+
+def shape_mask(shape, img_size):
+    """(S, S) bool, true where unknown, for a named shape or a box "x0,y0,x1,y1"."""
+    s, q = img_size, img_size // 4
+    unknown = torch.zeros(s, s, dtype=torch.bool)
+    if shape in ("center", "border"):
+        unknown[q:s - q, q:s - q] = True
+        return unknown if shape == "center" else ~unknown
+    halves = {"left": (slice(None), slice(0, s // 2)), "right": (slice(None), slice(s // 2, s)),
+              "top": (slice(0, s // 2), slice(None)), "bottom": (slice(s // 2, s), slice(None))}
+    if shape in halves:
+        unknown[halves[shape]] = True
+        return unknown
+    try:
+        x0, y0, x1, y1 = (int(v) for v in shape.split(","))
+    except ValueError:
+        raise misc.UserError(f"--mask must be one of {', '.join(SHAPES)}, a box x0,y0,x1,y1 or a mask image file; "
+                             f"got {shape!r}") from None
+    if not (0 <= x0 < x1 <= s and 0 <= y0 < y1 <= s):
+        raise misc.UserError(f"the box {shape} must lie inside the {s}x{s} image with x0 < x1 and y0 < y1 "
+                             "(pixels; x1, y1 excluded)")
+    unknown[y0:y1, x0:x1] = True
+    return unknown
+
+
+def image_mask(path, image_size, img_size):
+    """(S, S) bool from a mask image (white = unknown): at the model's size as it is, at the input
+    image's size `image_size` (w, h) cropped and resized as the image is."""
+    mask = open_image(path).convert("L")
+    if mask.size == (img_size, img_size):
+        return torch.from_numpy(np.array(mask) >= 128)
+    if mask.size != image_size:
+        raise misc.UserError(f"the mask {path} is {mask.size[0]}x{mask.size[1]} but the image is "
+                             f"{image_size[0]}x{image_size[1]}: give a mask of the image's size (or the model's, "
+                             f"{img_size}x{img_size})")
+    unknown = torch.from_numpy(np.array(center_crop_arr(mask, img_size)) >= 128)
+    if (np.array(mask) < 128).any() and unknown.all():
+        raise misc.UserError(f"the known part of {path} lies outside the {img_size}x{img_size} center crop the model "
+                             "sees: move it towards the center, or crop the image yourself")
+    return unknown
+
+
+def make_mask(mask, img_size, image_path=None):
+    """A mask as the command line gives it (a shape, a box or a file) as (S, S) bool, true = unknown.
+    A mask image may have the size of the image at `image_path` (None: the model's size only)."""
+    if mask in SHAPES or (mask.count(",") == 3 and not os.path.exists(mask)):
+        return shape_mask(mask, img_size)
+    if not os.path.exists(mask):
+        raise misc.UserError(f"--mask must be one of {', '.join(SHAPES)}, a box x0,y0,x1,y1 or a mask image file; "
+                             f"no file {mask}")
+    image_size = open_image(image_path).size if image_path else (img_size, img_size)
+    return image_mask(mask, image_size, img_size)
+
+
+# ----------------------------------------------------------------------------- editing
+def edit_images(model, image, unknown, labels, num_iter_list, cfg=1.0, cfg_schedule="linear", temperature=1.0,
+                filter_threshold=1e-4, precision="fp32", seed=0, visualize=False):
+    """One edit of `image` ((3, S, S) in [0, 1]) per entry of `labels`: the pixels where `unknown`
+    (S, S) is true regenerated under that class, the others exactly as given. Returns (n, 3, S, S)
+    in [0, 1]. `seed` fixes the draws (the caller's random state is left alone)."""
+    device = next(model.parameters()).device
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    n = len(labels)
+    mean, std = (t.view(1, 3, 1, 1) for t in imagenet_stats(device))
+    images = ((image.to(device)[None] - mean) / std).expand(n, -1, -1, -1)
+    unknown_n = unknown.to(device)[None].expand(n, -1, -1)
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with misc.autocast(device, precision):
+            out = model.generate(labels.to(device), num_iter_list, cfg=cfg, cfg_schedule=cfg_schedule,
+                                 temperature=temperature, filter_threshold=filter_threshold, visualize=visualize,
+                                 images=images, unknown=unknown_n)
+    out = (out.float() * std + mean).clamp(0, 1).cpu()
+    out = (out * 255).round() / 255  # 8-bit values, as the input
+    return torch.where(unknown[None, None], out, image[None])
+
+
+def side_by_side(image, unknown, edits, per_row, upscale=4):
+    """A (3, H, W) picture: each row is the input, the mask (white = unknown) and `per_row` edits."""
+    rows = len(edits) // per_row
+    mask = unknown.float()[None].expand(3, -1, -1)
+    tiles = []
+    for r in range(rows):
+        tiles += [image, mask, *edits[r * per_row:(r + 1) * per_row]]
+    tiles = torch.stack(tiles)
+    if upscale > 1:
+        tiles = torch.nn.functional.interpolate(tiles, scale_factor=upscale, mode="nearest")
+    return vutils.make_grid(tiles, nrow=per_row + 2, padding=max(upscale, 2), pad_value=1.0)
+
+
+def save_png(tensor, path):
+    """A (3, H, W) tensor in [0, 1] as an 8-bit PNG (exact for 8-bit values)."""
+    array = (tensor.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    Image.fromarray(array).save(path)
+
+
+# ----------------------------------------------------------------------------- command line
+def get_args_parser():
+    p = argparse.ArgumentParser("python -m util.edit", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="a checkpoint written by main_fractalgen.py (its args name the model), or "
+                                        "a released one given with --model")
+    p.add_argument("--model", help="a released model: alone, its checkpoint as util.download fetches it into "
+                                   "<download_dir>/<model>/checkpoint-last.pth")
+    p.add_argument("--download_dir", default="pretrained_models")
+    p.add_argument("--url", default=None, help="with --model: where to download its checkpoint (release README)")
+    p.add_argument("--image", required=True, help="the image to edit (any size: center-cropped and resized)")
+    p.add_argument("--mask", required=True, help=f"{', '.join(SHAPES)}, a box x0,y0,x1,y1 or a mask image "
+                                                 "(white = unknown)")
+    p.add_argument("--class", dest="classes", required=True, help="class index, or several: 3,8 (one row each)")
+    p.add_argument("--num_samples", type=int, default=4, help="edits per class")
+    p.add_argument("--num_iter_list", default="", help="steps per generator level; default the checkpoint's")
+    p.add_argument("--cfg", type=float, default=1.0)
+    p.add_argument("--cfg_schedule", default="constant", choices=["constant", "linear"])
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--filter_threshold", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default=None, choices=["fp16", "bf16", "fp32"],
+                   help="autocast precision; default fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--upscale", type=int, default=4, help="enlargement of the side-by-side picture")
+    p.add_argument("--output", required=True, help="PNG of the edits; <name>_side_by_side.png is written beside it")
+    return p
+
+
+def check_device(name):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise misc.UserError(f"--device {name} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise misc.UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise misc.UserError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def released_checkpoint(name, download_dir, url=None):
+    """The released model's checkpoint, fetched by util.download unless it is there already."""
+    from util.download import DownloadError, download_pretrained
+    try:
+        return download_pretrained(name, download_dir, url=url)
+    except DownloadError as e:
+        raise misc.UserError(str(e)) from None
+
+
+def parse_ints(text, flag):
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise misc.UserError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def main(args):
+    from util.sampling import load_model
+    device = check_device(args.device)
+    precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
+    if args.num_samples < 1:
+        raise misc.UserError(f"--num_samples must be at least 1, got {args.num_samples}")
+    classes = parse_ints(args.classes, "--class")
+    if not args.output.lower().endswith(".png"):
+        raise misc.UserError(f"--output must name a .png file, got {args.output}")
+    for path in (args.image, *([args.mask] if args.mask not in SHAPES and args.mask.count(",") != 3 else [])):
+        open_image(path)  # a missing or unreadable file stops us before the model loads
+    if not (args.checkpoint or args.model):
+        raise misc.UserError("give --checkpoint PATH, or --model NAME for a released model")
+    checkpoint = args.checkpoint or released_checkpoint(args.model, args.download_dir, args.url)
+    if not os.path.isfile(checkpoint):
+        raise misc.UserError(f"no checkpoint at {checkpoint}")
+    model, settings = load_model(checkpoint, device, model_name=args.model)
+    size = settings["img_size"]
+    bad = [c for c in classes if not 0 <= c < settings["class_num"]]
+    if bad:
+        raise misc.UserError(f"unknown class {bad[0]}: this model has classes 0..{settings['class_num'] - 1}")
+    num_iter_list = parse_ints(args.num_iter_list or settings["num_iter_list"], "--num_iter_list")
+    if len(num_iter_list) != model.num_fractal_levels - 1:
+        raise misc.UserError(f"--num_iter_list needs {model.num_fractal_levels - 1} values for {settings['model']}, "
+                             f"got {args.num_iter_list}")
+    image = load_image(args.image, size)
+    unknown = make_mask(args.mask, size, args.image)
+    if not unknown.any():
+        raise misc.UserError(f"the mask {args.mask} leaves no pixel unknown: nothing to edit (white = unknown)")
+    labels = torch.tensor(classes).repeat_interleave(args.num_samples)
+    edits = edit_images(model, image, unknown, labels, num_iter_list, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+                        temperature=args.temperature, filter_threshold=args.filter_threshold, precision=precision,
+                        seed=args.seed)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    save_png(vutils.make_grid(edits, nrow=args.num_samples, padding=0), args.output)
+    pair = args.output[:-4] + "_side_by_side.png"
+    save_png(side_by_side(image, unknown, edits, args.num_samples, args.upscale), pair)
+    print(f"{settings['model']}: {len(edits)} edits of {args.image} (mask {args.mask}, classes {args.classes}) "
+          f"-> {args.output}, {pair}")
+
+
+def cli(argv=None):
+    """Run the command; a bad input prints one line and returns 2, having written nothing."""
+    try:
+        main(get_args_parser().parse_args(argv))
+    except misc.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
