@@ -33,8 +33,8 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, de
             loss = model(samples.to(device, non_blocking=True), labels.to(device, non_blocking=True))
         loss_value = loss.item()
         if not misc.all_ranks_ok(math.isfinite(loss_value), device):  # all ranks stop before any update
-            raise misc.UserError(f"the loss is {loss_value} at epoch {epoch}, step {step}; training stopped and "
-                                 f"the last good checkpoint in {args.output_dir} is unchanged. Lower --blr, "
+            raise misc.UserError(f"the loss is {loss_value} at epoch {epoch}, step {step}; training stopped "
+                                 f"({checkpoint.previous(args.output_dir)}). Lower --blr, "
                                  "raise --warmup_epochs, or use --precision bf16/fp32")
         apply_gradients(loss, model, optimizer, scaler, args.grad_clip)
         logger.update(step, device, loss=loss_value, lr=lr)
@@ -46,8 +46,8 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, de
         weights_ok, signum = step_boundary(model_without_ddp, device)
         if not weights_ok:
             raise misc.UserError(f"the weights are not finite after the update of epoch {epoch}, step {step} (the "
-                                 f"loss was {loss_value:.4g}); training stopped without saving, and the last "
-                                 f"checkpoint in {args.output_dir} is unchanged. Lower --blr (or --lr), raise "
+                                 f"loss was {loss_value:.4g}); training stopped without saving them "
+                                 f"({checkpoint.previous(args.output_dir)}). Lower --blr (or --lr), raise "
                                  "--warmup_epochs, or use --precision bf16/fp32")
         periodic = args.save_every_steps and done % args.save_every_steps == 0
         if done < steps_per_epoch and (periodic or signum):

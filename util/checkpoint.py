@@ -51,9 +51,9 @@ def save(args, model_without_ddp, optimizer, scaler, epoch, device, step=None, c
     bad = first_non_finite(model_without_ddp, optimizer)
     if not misc.all_ranks_ok(bad is None, device):
         where = f"epoch {epoch}" + (f", step {step}" if step is not None else " (its end)")
-        raise UserError(f"the weights are not finite at {where} ({bad or 'on another rank'}); training stopped "
-                        f"without saving, and the last checkpoint in {args.output_dir} is unchanged. Lower --blr "
-                        "(or --lr), raise --warmup_epochs, or use --precision bf16/fp32, then --resume it")
+        raise UserError(f"nan or inf at {where} (in {bad or 'the model on another rank'}); training stopped "
+                        f"without saving ({previous(args.output_dir)}). Lower --blr (or --lr), raise "
+                        "--warmup_epochs, or use --precision bf16/fp32")
     rng = rng_states(device)
     if misc.is_main_process():
         ckpt = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
@@ -62,6 +62,13 @@ def save(args, model_without_ddp, optimizer, scaler, epoch, device, step=None, c
         if step is not None:
             ckpt["resume_at"] = {"epoch": epoch, "step": step, "consumed": consumed}
         atomic_save(ckpt, path_in(args.output_dir))
+
+
+def previous(output_dir):
+    """What a run that stops without saving leaves, for its message."""
+    if os.path.exists(path_in(output_dir)):
+        return f"the last checkpoint, {path_in(output_dir)}, is unchanged"
+    return f"no checkpoint was saved in {output_dir}"
 
 
 def rng_states(device):

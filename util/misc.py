@@ -1,4 +1,5 @@
 """Distributed set-up, progress logging, atomic writes, the output folder's lock and results files."""
+import atexit
 import contextlib
 import ctypes
 import datetime
@@ -204,8 +205,9 @@ _held_locks = {}
 
 def lock_output_dir(folder):
     """One run per output folder: an fcntl lock on a file in it, held until release_output_dir or the
-    process's end (the OS drops it when the process dies, also by SIGKILL). Rank 0 takes it; every rank
-    learns whether it succeeded. A second run gets a UserError naming the folder and the holder's pid."""
+    process's end (the OS drops it when the process dies, also by SIGKILL); calling it again in the same
+    process keeps it. Rank 0 takes it; every rank learns whether it succeeded. A second run gets a
+    UserError naming the folder and the holder's pid."""
     error = None
     if is_main_process():
         error = _take_lock(folder)
@@ -222,9 +224,12 @@ def _take_lock(folder):
         import fcntl
     except ImportError:  # not a POSIX system: no lock
         return None
-    if os.path.abspath(folder) in _held_locks:  # this process holds it already (main() called again)
-        return None
     path = os.path.join(folder, LOCK_NAME)
+    held = _held_locks.get(os.path.abspath(folder))
+    if held is not None:  # main() called again in this process: keep the lock if its file is still there
+        if os.path.exists(path) and os.path.samestat(os.fstat(held.fileno()), os.stat(path)):
+            return None
+        release_output_dir(folder)
     f = open(path, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -238,6 +243,8 @@ def _take_lock(folder):
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
+    if not _held_locks:
+        atexit.register(lambda: [release_output_dir(folder) for folder in list(_held_locks)])
     _held_locks[os.path.abspath(folder)] = f
     return None
 
