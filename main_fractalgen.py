@@ -6,6 +6,7 @@ One process:   python main_fractalgen.py --model fractalmar_tiny_in16 --img_size
 Many:          torchrun --nproc_per_node=8 main_fractalgen.py ...   (also SLURM, or OpenMPI with --dist_on_itp)
 """
 import argparse
+import math
 import os
 import signal
 import sys
@@ -270,6 +271,9 @@ def report_nll(model, dataset_val, args, device, world, rank):
     pin_memory = args.pin_mem and device.type == "cuda"
     bpd = evaluate_nll(model, eval_loader(dataset_val, args.nll_bsz, args.num_workers, pin_memory, world, rank),
                        device, args)
+    if not math.isfinite(bpd):  # never report a number that means nothing
+        raise misc.UserError(f"the NLL came out {bpd} with --precision {args.precision}; try --precision fp32, or "
+                             "check the checkpoint")
     print_rank0(f"BPD: {bpd:.5f}")
     misc.update_results(args.output_dir, nll={"bpd": bpd, "images": len(dataset_val),
                                               "forward_number": args.nll_forward_number})
