@@ -348,6 +348,7 @@ BAD_FLAGS = [  # (arguments, message fragment)
     (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
     (["--batch_size", "-3"], "--batch_size must be at least 1"),
     (["--epochs", "-1"], "--epochs must be zero or more"),
+    (["--epochs", "0"], "--epochs 0 trains nothing"),
     (["--save_last_freq", "0"], "--save_last_freq must be at least 1"),
     (["--eval_freq", "0"], "--eval_freq must be at least 1"),
     (["--save_every_steps", "-1"], "--save_every_steps must be zero or more"),

@@ -130,10 +130,11 @@ def to_resume(args, training):
     if args.resume and os.path.isfile(args.resume):
         raise UserError(f"--resume {args.resume} is a file; pass the folder that holds {NAME} "
                         f"(--resume {os.path.dirname(args.resume) or '.'})")
-    if path is not None and os.path.isfile(path):
-        if training and os.path.exists(ours) and not os.path.samefile(path, ours):
-            raise UserError(f"{ours} exists from an earlier run; pass --resume {args.output_dir} to continue "
-                            "it, or choose another --output_dir")
+    found = path is not None and os.path.isfile(path)
+    if training and os.path.exists(ours) and not (found and os.path.samefile(path, ours)):
+        raise UserError(f"{ours} exists from an earlier run; pass --resume {args.output_dir} to continue "
+                        "it, or choose another --output_dir")
+    if found:
         return path, load(path)
     if not training:
         raise UserError(f"evaluation needs a trained model: no {NAME} in --resume {args.resume!r}; point --resume "
@@ -142,9 +143,6 @@ def to_resume(args, training):
         what = "" if os.path.isdir(args.resume) else " (no such folder)"
         raise UserError(f"no {NAME} in --resume {args.resume}{what}; point --resume at the folder of the run "
                         "to continue, or pass --resume with the --output_dir (or no --resume) for a fresh run")
-    if os.path.exists(ours):
-        raise UserError(f"{ours} exists from an earlier run; pass --resume {args.output_dir} to continue "
-                        "it, or choose another --output_dir")
     if path is not None and misc.is_main_process():
         print(f"No {NAME} in --resume {args.resume} yet: starting a fresh run, which saves there", flush=True)
     return None, None

@@ -28,6 +28,9 @@ def check_flags(args):
         value = getattr(args, flag, None)
         if isinstance(value, int) and value < low:  # (a non-integer, e.g. "auto", is resolved elsewhere)
             raise UserError(f"--{flag} must be {'at least 1' if low else 'zero or more'}, got {value}")
+    if args.epochs == 0 and not (args.evaluate_gen or args.evaluate_nll or getattr(args, "demo", False)):
+        raise UserError("--epochs 0 trains nothing; pass the number of epochs to train to (or --evaluate_nll / "
+                        "--evaluate_gen to evaluate a checkpoint)")
     if args.seed > MAX_SEED:
         raise UserError(f"--seed must be below {MAX_SEED}, got {args.seed}")
     for flag, (low, high, low_ok, high_ok) in RANGES.items():
