@@ -115,9 +115,9 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser.error = one_line_error
     if "--demo" in argv:
-        parser.set_defaults(**DEMO_DEFAULTS)
+        parser.set_defaults(**{**DEMO_DEFAULTS, "resume": None})
     args = parser.parse_args(argv)
-    if args.demo and "--resume" not in argv:  # the demo resumes from its own output folder
+    if args.resume is None:  # the demo resumes from its own output folder, also one given by --output_dir
         args.resume = args.output_dir
     return args
 

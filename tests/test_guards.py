@@ -387,6 +387,9 @@ BAD_FLAGS = [  # (arguments, message fragment)
     (["--device", "cuda:99"], "--device cuda:99"),
     (["--output_dir", "FILE"], "is a file, not a folder"),
     (["--log_dir", "FILE"], "is a file, not a folder; choose another --log_dir"),
+    (["--output_dir", "FILE/run"], "is a file, so the folder cannot be made"),
+    (["--output_dir", ""], "--output_dir is empty"),
+    (["--start_epoch", "5", "--epochs", "3"], "--start_epoch 5 is not below --epochs 3"),
     (["--fid_inception_weights", "/nonexistent.pth"], "does not exist"),
 ]
 
@@ -395,7 +398,7 @@ BAD_FLAGS = [  # (arguments, message fragment)
 def test_bad_flag_is_one_line_before_anything_is_written(data, tmp_path, extra, message):
     out = str(tmp_path / "out")
     (tmp_path / "file").write_text("a file")
-    extra = [str(tmp_path / "file") if a == "FILE" else a for a in extra]
+    extra = [a.replace("FILE", str(tmp_path / "file")) for a in extra]
     argv = MODEL_ARGS + ["--data_path", data, "--output_dir", out, "--resume", out] + extra
     before = open(tmp_path / "file").read()
     with pytest.raises(misc.UserError, match=re.escape(message)) as e:

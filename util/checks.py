@@ -39,12 +39,31 @@ def check_flags(args):
             raise UserError(f"--{flag} must be {describe_range(low, high, low_ok, high_ok)}, got {value}")
     args.num_iter = parse_num_iter(args.num_iter_list)
     check_device(args.device)
+    training = not (args.evaluate_gen or args.evaluate_nll)
+    if training and args.epochs and args.start_epoch >= args.epochs:
+        raise UserError(f"--start_epoch {args.start_epoch} is not below --epochs {args.epochs}: nothing to train")
     for flag in ("output_dir", "log_dir"):
-        folder = getattr(args, flag, None)
-        if folder and os.path.exists(folder) and not os.path.isdir(folder):
-            raise UserError(f"--{flag} {folder} is a file, not a folder; choose another --{flag}")
+        check_writable_folder(flag, getattr(args, flag, None))
     if args.fid_inception_weights and not os.path.isfile(args.fid_inception_weights):
         raise UserError(f"--fid_inception_weights {args.fid_inception_weights} does not exist")
+
+
+def check_writable_folder(flag, folder):
+    """A folder that exists, or can be made, and can be written in."""
+    if folder is None:
+        return
+    if not folder:
+        raise UserError(f"--{flag} is empty; name a folder")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"--{flag} {folder} is a file, not a folder; choose another --{flag}")
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--{flag} {folder}: {existing} is a file, so the folder cannot be made; choose another "
+                        f"--{flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--{flag} {folder}: no permission to write in {existing}; choose another --{flag}")
 
 
 def in_range(value, low, high, low_ok, high_ok):
