@@ -67,7 +67,7 @@ def step_boundary(model_without_ddp, device):
     so that all ranks stop at the same step, and a finite loss whose update overflowed is never saved."""
     weights = torch.nn.utils.get_total_norm(list(model_without_ddp.parameters()), norm_type=float("inf"))
     flags = torch.stack([(~torch.isfinite(weights)).float(), torch.tensor(float(stop.requested()), device=device)])
-    bad, signum = misc.all_reduce_max(flags.to(device)).tolist()
+    bad, signum = misc.all_reduce_max(flags).tolist()
     return bad == 0, int(signum)
 
 

@@ -249,16 +249,12 @@ def main(args):
             loader.sampler.set_epoch(epoch, epoch_consumed)
             train_one_epoch(model, model_without_ddp, loader, optimizer, scaler, device, epoch, log_writer, args,
                             steps_per_epoch, epoch_consumed)
-            saved = epoch % args.save_last_freq == 0 or epoch + 1 == args.epochs or args.save_every_steps
-            if saved:
+            evaluate = args.online_eval and (epoch % args.eval_freq == 0 or epoch + 1 == args.epochs)
+            # saved before an evaluation too, which a stop signal may end
+            if epoch % args.save_last_freq == 0 or epoch + 1 == args.epochs or args.save_every_steps or evaluate:
                 checkpoint.save(args, model_without_ddp, optimizer, scaler, epoch, device)
-            if args.online_eval and (epoch % args.eval_freq == 0 or epoch + 1 == args.epochs):
-                try:
-                    evaluate_gen(model_without_ddp, args, device, epoch, log_writer)
-                except stop.Stopped:
-                    if not saved:  # keep the epoch that has been trained
-                        checkpoint.save(args, model_without_ddp, optimizer, scaler, epoch, device)
-                    raise
+            if evaluate:
+                evaluate_gen(model_without_ddp, args, device, epoch, log_writer)
             if log_writer is not None:
                 log_writer.flush()
     print_rank0(f"Training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - start))}")
