@@ -328,6 +328,17 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert os.listdir(tmp_path) == [checkpoint.NAME]
 
 
+def test_disk_full_while_training_stops_with_one_line(data, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    main_fractalgen.main(parse(train_argv(data, out, "--epochs", "1")))
+    before = open(checkpoint.path_in(out), "rb").read()
+    monkeypatch.setattr(torch, "save", fill_disk_after(5000))
+    with pytest.raises(misc.UserError, match=f"disk full while writing {checkpoint.path_in(out)}: free space in ") as e:
+        main_fractalgen.main(parse(train_argv(data, out, "--epochs", "2")))
+    assert one_line(e) and open(checkpoint.path_in(out), "rb").read() == before
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
 def test_disk_full_while_writing_images(trained, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     real_save, calls = Image.Image.save, [0]

@@ -54,14 +54,19 @@ def save(args, model_without_ddp, optimizer, scaler, epoch, device, step=None, c
         raise UserError(f"nan or inf at {where} (in {bad or 'the model on another rank'}); training stopped "
                         f"without saving ({previous(args.output_dir)}). Lower --blr (or --lr), raise "
                         "--warmup_epochs, or use --precision bf16/fp32")
-    rng = rng_states(device)
+    rng, error = rng_states(device), None
     if misc.is_main_process():
         ckpt = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                 "epoch": epoch if step is None else epoch - 1, "scaler": scaler.state_dict(), "args": args,
                 "rng": rng}
         if step is not None:
             ckpt["resume_at"] = {"epoch": epoch, "step": step, "consumed": consumed}
-        atomic_save(ckpt, path_in(args.output_dir))
+        try:
+            atomic_save(ckpt, path_in(args.output_dir))
+        except UserError as e:  # a full disk: every rank stops, not only the one that writes
+            error = str(e)
+    if not misc.all_ranks_ok(error is None, device):
+        raise UserError(error or "rank 0 could not save the checkpoint: see its message")
 
 
 def previous(output_dir):
