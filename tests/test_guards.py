@@ -347,7 +347,8 @@ def test_disk_full_while_writing_images(trained, tmp_path, monkeypatch):
         calls[0] += 1
         return (fill_disk_after(10) if calls[0] == 3 else real_save)(self, fp, *args, **kwargs)
     monkeypatch.setattr(Image.Image, "save", save)
-    with pytest.raises(misc.UserError, match=r"disk full while writing .*00002.png: free space in .*image6-res16 ") as e:
+    message = r"disk full while writing .*00002.png: free space in .*image6-res16 "
+    with pytest.raises(misc.UserError, match=message) as e:
         generate(trained, out)
     assert one_line(e)
     folder = os.path.dirname(str(e.value).split("writing ")[1].split(":")[0])
