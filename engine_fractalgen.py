@@ -64,8 +64,9 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, de
 
 def step_boundary(model_without_ddp, device):
     """(all weights finite on every rank, stop signal received by any rank or 0): one all-reduce per step,
-    so that all ranks stop at the same step, and a finite loss whose update overflowed is never saved."""
-    weights = torch.nn.utils.get_total_norm(list(model_without_ddp.parameters()), norm_type=float("inf"))
+    so that all ranks stop at the same step, and a finite loss whose update overflowed is never saved.
+    The 2-norm (one fused kernel) is not finite when a weight is not, or is beyond 1e19: diverged too."""
+    weights = torch.nn.utils.get_total_norm(list(model_without_ddp.parameters()))
     flags = torch.stack([(~torch.isfinite(weights)).float(), torch.tensor(float(stop.requested()), device=device)])
     bad, signum = misc.all_reduce_max(flags).tolist()
     return bad == 0, int(signum)
