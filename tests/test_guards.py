@@ -121,7 +121,7 @@ def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, folder], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(misc.UserError, match=f"another run .pid {holder.pid}. is using --output_dir {folder}"):
+        with pytest.raises(misc.UserError, match=f"another run .pid {holder.pid} on .+. is using --output_dir {folder}; wait"):
             misc.lock_output_dir(folder)
     finally:
         holder.kill()

@@ -6,6 +6,7 @@ import datetime
 import errno
 import json
 import os
+import socket
 import time
 
 import torch
@@ -149,7 +150,7 @@ class ProgressLogger:
 
 
 # ----------------------------------------------------------------------------- files
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space, or over quota
 
 
 @contextlib.contextmanager
@@ -201,6 +202,7 @@ def remove_stale_temporaries(folder, names):
 
 LOCK_NAME = ".fractalgen.lock"
 _held_locks = {}
+atexit.register(lambda: [release_output_dir(folder) for folder in list(_held_locks)])
 
 
 def lock_output_dir(folder):
@@ -241,10 +243,8 @@ def _take_lock(folder):
                 "choose another --output_dir")
     f.seek(0)
     f.truncate()
-    f.write(f"{os.getpid()}\n")
+    f.write(f"{os.getpid()} on {socket.gethostname()}\n")
     f.flush()
-    if not _held_locks:
-        atexit.register(lambda: [release_output_dir(folder) for folder in list(_held_locks)])
     _held_locks[os.path.abspath(folder)] = f
     return None
 
