@@ -8,8 +8,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+import util.checkpoint as checkpoint
 import util.lr_sched as lr_sched
 import util.misc as misc
+import util.stop as stop
 from util.misc import autocast
 from util.sampling import sample_classes
 
@@ -17,7 +19,8 @@ from util.sampling import sample_classes
 def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, device, epoch, log_writer, args,
                     steps_per_epoch, consumed=0):
     """One epoch, or its rest when resumed mid-epoch after `consumed` images (over all ranks). With --save_every_steps N,
-    checkpoint-last.pth is refreshed every N steps with what is needed to continue from the next step."""
+    the checkpoint is refreshed every N steps with what is needed to continue from the next step; after a
+    stop signal, at the next step boundary, and then `stop.Stopped` is raised."""
     model.train()
     world = misc.get_world_size()
     first_step = consumed // (args.batch_size * world)
@@ -30,8 +33,8 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, de
             loss = model(samples.to(device, non_blocking=True), labels.to(device, non_blocking=True))
         loss_value = loss.item()
         if not misc.all_ranks_ok(math.isfinite(loss_value), device):  # all ranks stop before any update
-            raise misc.UserError(f"the loss is {loss_value} at epoch {epoch}, step {step}; training stopped and "
-                                 f"the last good checkpoint in {args.output_dir} is unchanged. Lower --blr, "
+            raise misc.UserError(f"the loss is {loss_value} at epoch {epoch}, step {step}; training stopped "
+                                 f"({checkpoint.previous(args.output_dir)}). Lower --blr, "
                                  "raise --warmup_epochs, or use --precision bf16/fp32")
         apply_gradients(loss, model, optimizer, scaler, args.grad_clip)
         logger.update(step, device, loss=loss_value, lr=lr)
@@ -40,11 +43,33 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, de
             log_writer.add_scalar("train_loss", loss_value, epoch_1000x)
             log_writer.add_scalar("lr", lr, epoch_1000x)
         done = step + 1
-        if args.save_every_steps and done % args.save_every_steps == 0 and done < steps_per_epoch:
-            resume_at = {"epoch": epoch, "step": done,
-                         "consumed": consumed + (i + 1) * args.batch_size * world}
-            misc.save_checkpoint(args, model_without_ddp, optimizer, scaler, epoch - 1, device, resume_at)
+        weights_ok, signum = step_boundary(model_without_ddp, device)
+        if not weights_ok:
+            raise misc.UserError(f"the weights are not finite after the update of epoch {epoch}, step {step} (the "
+                                 f"loss was {loss_value:.4g}); training stopped without saving them "
+                                 f"({checkpoint.previous(args.output_dir)}). Lower --blr (or --lr), raise "
+                                 "--warmup_epochs, or use --precision bf16/fp32")
+        periodic = args.save_every_steps and done % args.save_every_steps == 0
+        if done < steps_per_epoch and (periodic or signum):
+            checkpoint.save(args, model_without_ddp, optimizer, scaler, epoch, device, step=done,
+                            consumed=consumed + (i + 1) * args.batch_size * world)
+        elif signum:  # the epoch's last step
+            checkpoint.save(args, model_without_ddp, optimizer, scaler, epoch, device)
+        if signum:
+            raise stop.Stopped(signum, f"stopped by {stop.name(signum)} in epoch {epoch} after {done} of "
+                                       f"{steps_per_epoch} steps: saved {checkpoint.path_in(args.output_dir)}; "
+                                       f"run the same command with --resume {args.output_dir} to continue")
     return logger.averages()
+
+
+def step_boundary(model_without_ddp, device):
+    """(all weights finite on every rank, stop signal received by any rank or 0): one all-reduce per step,
+    so that all ranks stop at the same step, and a finite loss whose update overflowed is never saved.
+    The 2-norm (one fused kernel) is not finite when a weight is not, or is beyond 1e19: diverged too."""
+    weights = torch.nn.utils.get_total_norm(list(model_without_ddp.parameters()))
+    flags = torch.stack([(~torch.isfinite(weights)).float(), torch.tensor(float(stop.requested()), device=device)])
+    bad, signum = misc.all_reduce_max(flags).tolist()
+    return bad == 0, int(signum)
 
 
 def apply_gradients(loss, model, optimizer, scaler, grad_clip):
@@ -118,14 +143,13 @@ def prepare_generation_folder(folder, model_without_ddp, args):
     manifest = {"model": args.model, "weights": weights_fingerprint(model_without_ddp)}
     old = json.load(open(manifest_path)) if os.path.exists(manifest_path) else None
     pngs = [f for f in os.listdir(folder) if f.endswith(".png")]
-    stale = [f for f in os.listdir(folder) if f.endswith(".tmp")] + (pngs if old != manifest else [])
+    stale = [f for f in os.listdir(folder) if ".tmp" in f] + (pngs if old != manifest else [])  # only we write here
     if old != manifest and pngs:
         print(f"Removing {len(pngs)} images in {folder}: they came from other weights", flush=True)
     for f in stale:
         os.remove(os.path.join(folder, f))
-    with open(manifest_path + ".tmp", "w") as f:
-        json.dump(manifest, f)
-    os.replace(manifest_path + ".tmp", manifest_path)
+    with misc.write_atomically(manifest_path) as f:
+        f.write(json.dumps(manifest).encode())
 
 
 def batch_seed(seed, first_index):
@@ -159,6 +183,9 @@ def generate(model_without_ddp, args, device):
               f"generating {args.num_images - kept}", flush=True)
     start, made = time.time(), 0
     for n, (first, missing) in enumerate(todo):
+        if stop.requested():  # per rank: ranks may have different numbers of batches left
+            raise stop.Stopped(stop.requested(), f"stopped by {stop.name(stop.requested())}: the images written "
+                                                 f"so far are kept in {folder}; run the same command to continue")
         idx = torch.arange(first, min(first + args.gen_bsz, args.num_images))
         images = sample_batch(model_without_ddp, labels[idx].to(device), num_iter_list, args, device,
                               batch_seed(args.seed, first))
@@ -184,9 +211,10 @@ def sample_batch(model_without_ddp, labels, num_iter_list, args, device, seed):
 
 
 def write_png(pixels, path):
-    """Save through a temporary name, so a killed process never leaves a half-written image."""
-    Image.fromarray(pixels).save(path + ".tmp", format="PNG")
-    os.replace(path + ".tmp", path)
+    """Save through a temporary name, so a killed process never leaves a half-written image (not fsynced:
+    a rerun checks every image anyway)."""
+    with misc.write_atomically(path, sync=False) as f:
+        Image.fromarray(pixels).save(f, format="PNG")
 
 
 def evaluate_gen(model_without_ddp, args, device, epoch, log_writer):

@@ -6,7 +6,9 @@ One process:   python main_fractalgen.py --model fractalmar_tiny_in16 --img_size
 Many:          torchrun --nproc_per_node=8 main_fractalgen.py ...   (also SLURM, or OpenMPI with --dist_on_itp)
 """
 import argparse
+import math
 import os
+import signal
 import sys
 import time
 
@@ -18,9 +20,12 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import util.checkpoint as checkpoint  # noqa: E402
 import util.misc as misc  # noqa: E402
+import util.stop as stop  # noqa: E402
 from engine_fractalgen import evaluate_gen, evaluate_nll, generation_labels, train_one_epoch  # noqa: E402
 from models.fractalgen import build_model  # noqa: E402
+from util.checks import check_flags  # noqa: E402
 from util.data import eval_loader, image_folder, train_loader  # noqa: E402
 
 
@@ -107,22 +112,30 @@ DEMO_DEFAULTS = dict(
 def parse_args(argv=None):
     """The command line; with --demo, the demo's settings replace the defaults."""
     parser = get_args_parser()
-    if "--demo" in (sys.argv[1:] if argv is None else argv):
-        parser.set_defaults(**DEMO_DEFAULTS)
-    return parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser.error = one_line_error
+    if "--demo" in argv:
+        parser.set_defaults(**{**DEMO_DEFAULTS, "resume": None})
+    args = parser.parse_args(argv)
+    if args.resume is None:  # the demo resumes from its own output folder, also one given by --output_dir
+        args.resume = args.output_dir
+    return args
+
+
+def one_line_error(message):
+    """argparse's errors (a bad value, an unknown flag) as one line, exit 2, like every other user error."""
+    print(f"error: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
 
 
 # ----------------------------------------------------------------------------- checks
 def check_args(args):
     """Everything that can be checked before long work starts."""
+    check_flags(args)
     if args.precision is None:
         args.precision = "fp16" if args.device.startswith("cuda") else "fp32"
     args.fid_stats = args.fid_stats or f"fid_stats/adm_in{args.img_size}_stats.npz"
     args.log_dir = args.log_dir or args.output_dir
-    try:
-        args.num_iter = [int(n) for n in args.num_iter_list.split(",")]
-    except ValueError:
-        raise misc.UserError(f"--num_iter_list must be comma-separated integers, got {args.num_iter_list!r}") from None
     if args.evaluate_gen or args.online_eval:
         generation_labels(args.num_images, args.class_num)
         if args.fid_stats != "none":
@@ -162,39 +175,10 @@ def param_groups(model, weight_decay):
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def checkpoint_to_resume(args, training):
-    """The checkpoint in --resume (None for a fresh run), read and checked before anything is written.
-    A fresh training run never overwrites a checkpoint already in --output_dir."""
-    path = os.path.join(args.resume, "checkpoint-last.pth") if args.resume else ""
-    found = bool(path) and os.path.exists(path)
-    if not found and not training:
-        raise misc.UserError(f"evaluation needs a trained model: no checkpoint-last.pth in --resume {args.resume!r}")
-    ours = os.path.join(args.output_dir, "checkpoint-last.pth")
-    if training and os.path.exists(ours) and not (found and os.path.samefile(path, ours)):
-        raise misc.UserError(f"{ours} exists from an earlier run; pass --resume {args.output_dir} to continue "
-                             "it, or choose another --output_dir")
-    return (path, misc.load_checkpoint(path)) if found else (None, None)
-
-
-def restore_training_state(ckpt, optimizer, scaler, device):
-    """Optimizer, scaler and random state from a checkpoint; returns (epoch to run, images of that
-    epoch already trained on). A release checkpoint holding only `model` starts at epoch 0."""
-    if "optimizer" not in ckpt or "epoch" not in ckpt:
-        return 0, 0
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    if not misc.restore_rng_states(ckpt.get("rng"), device) and "rng" in ckpt:
-        print_rank0("The number of processes changed since the checkpoint: random state not restored")
-    if "resume_at" in ckpt:
-        return ckpt["resume_at"]["epoch"], ckpt["resume_at"]["consumed"]
-    return ckpt["epoch"] + 1, 0
-
-
 # ----------------------------------------------------------------------------- main
 def main(args):
-    misc.init_distributed_mode(args)
     check_args(args)
+    misc.init_distributed_mode(args)
     device = torch.device(args.device)
     if device.type == "cpu":
         misc.keep_freed_memory()
@@ -206,9 +190,9 @@ def main(args):
     model = build(args)
     dataset_train = image_folder(args.data_path, "train", args.img_size, args.class_num) if training else None
     dataset_val = image_folder(args.data_path, "val", args.img_size, args.class_num) if args.evaluate_nll else None
-    ckpt_path, ckpt = checkpoint_to_resume(args, training)
+    ckpt_path, ckpt = checkpoint.to_resume(args, training)
     if ckpt is not None:
-        misc.load_model_state(model, ckpt["model"], ckpt_path)
+        checkpoint.load_model_state(model, ckpt["model"], ckpt_path)
     world, rank = misc.get_world_size(), misc.get_rank()
     pin_memory = args.pin_mem and device.type == "cuda"
     if training:
@@ -220,6 +204,9 @@ def main(args):
 
     # every check has passed: from here on, output_dir is written
     os.makedirs(args.output_dir, exist_ok=True)
+    misc.lock_output_dir(args.output_dir)
+    if misc.is_main_process():
+        misc.remove_stale_temporaries(args.output_dir, [checkpoint.NAME, "results.json"])
     model.to(device)
     model_without_ddp = model
     print_rank0(f"Model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
@@ -232,10 +219,8 @@ def main(args):
     if ckpt is not None:
         ckpt_epoch = ckpt.get("epoch", 0)
         if training:
-            start_epoch, consumed = restore_training_state(ckpt, optimizer, scaler, device)
-        where = (f"inside epoch {ckpt['resume_at']['epoch']}, at step {ckpt['resume_at']['step']}"
-                 if "resume_at" in ckpt else f"after epoch {ckpt.get('epoch', 'n/a')}")
-        print_rank0(f"Resumed from {ckpt_path} ({where})")
+            start_epoch, consumed = checkpoint.restore_training_state(ckpt, optimizer, scaler, device)
+        print_rank0(f"Resumed from {ckpt_path} ({checkpoint.describe(ckpt)})")
         del ckpt
 
     if args.distributed:
@@ -249,7 +234,8 @@ def main(args):
     if args.evaluate_nll:
         report_nll(model, dataset_val, args, device, world, rank)
     if args.evaluate_gen:
-        evaluate_gen(model_without_ddp, args, device, ckpt_epoch, log_writer)
+        with stop.deferred():
+            evaluate_gen(model_without_ddp, args, device, ckpt_epoch, log_writer)
     if not training:
         return
 
@@ -257,17 +243,20 @@ def main(args):
     print_rank0(f"Training from epoch {start_epoch}{first_step} to {args.epochs}, lr {args.lr:.3g}, "
                 f"{steps_per_epoch} steps per epoch")
     start = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        epoch_consumed = consumed if epoch == start_epoch else 0
-        loader.sampler.set_epoch(epoch, epoch_consumed)
-        train_one_epoch(model, model_without_ddp, loader, optimizer, scaler, device, epoch, log_writer, args,
-                        steps_per_epoch, epoch_consumed)
-        if epoch % args.save_last_freq == 0 or epoch + 1 == args.epochs or args.save_every_steps:
-            misc.save_checkpoint(args, model_without_ddp, optimizer, scaler, epoch, device)
-        if args.online_eval and (epoch % args.eval_freq == 0 or epoch + 1 == args.epochs):
-            evaluate_gen(model_without_ddp, args, device, epoch, log_writer)
-        if log_writer is not None:
-            log_writer.flush()
+    with stop.deferred():  # SIGTERM, SIGINT: a step checkpoint at the next step boundary, then Stopped
+        for epoch in range(start_epoch, args.epochs):
+            epoch_consumed = consumed if epoch == start_epoch else 0
+            loader.sampler.set_epoch(epoch, epoch_consumed)
+            train_one_epoch(model, model_without_ddp, loader, optimizer, scaler, device, epoch, log_writer, args,
+                            steps_per_epoch, epoch_consumed)
+            evaluate = args.online_eval and (epoch % args.eval_freq == 0 or epoch + 1 == args.epochs)
+            # saved before an evaluation too, which a stop signal may end
+            if epoch % args.save_last_freq == 0 or epoch + 1 == args.epochs or args.save_every_steps or evaluate:
+                checkpoint.save(args, model_without_ddp, optimizer, scaler, epoch, device)
+            if evaluate:
+                evaluate_gen(model_without_ddp, args, device, epoch, log_writer)
+            if log_writer is not None:
+                log_writer.flush()
     print_rank0(f"Training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - start))}")
     if args.demo:
         finish_demo(model, model_without_ddp, args, device, world, rank)
@@ -278,6 +267,9 @@ def report_nll(model, dataset_val, args, device, world, rank):
     pin_memory = args.pin_mem and device.type == "cuda"
     bpd = evaluate_nll(model, eval_loader(dataset_val, args.nll_bsz, args.num_workers, pin_memory, world, rank),
                        device, args)
+    if not math.isfinite(bpd):  # never report a number that means nothing
+        raise misc.UserError(f"the NLL came out {bpd} with --precision {args.precision}; try --precision fp32, or "
+                             "check the checkpoint")
     print_rank0(f"BPD: {bpd:.5f}")
     misc.update_results(args.output_dir, nll={"bpd": bpd, "images": len(dataset_val),
                                               "forward_number": args.nll_forward_number})
@@ -301,7 +293,7 @@ def finish_demo(model, model_without_ddp, args, device, world, rank):
         path = os.path.join(args.output_dir, "samples.png")
         save_sample_grid(model_without_ddp, path, args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
                          temperature=args.temperature, precision=args.precision, seed=args.seed, upscale=4)
-        print(f"Samples: {path}  (one row per class; checkpoint: {args.output_dir}/checkpoint-last.pth)")
+        print(f"Samples: {path}  (one row per class; checkpoint: {checkpoint.path_in(args.output_dir)})")
     misc.barrier()
 
 
@@ -311,12 +303,20 @@ def print_rank0(msg):
 
 
 if __name__ == "__main__":
+    stop.install()
     args = parse_args()
     try:
         main(args)
     except misc.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except stop.Stopped as e:  # exit code 143 after SIGTERM, 130 after SIGINT
+        if misc.is_main_process():
+            print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("stopped by Ctrl-C", file=sys.stderr)
+        sys.exit(stop.EXIT_CODES[signal.SIGINT])
     finally:
         if misc.is_dist():
             torch.distributed.destroy_process_group()

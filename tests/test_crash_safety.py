@@ -14,6 +14,7 @@ import torch
 
 import engine_fractalgen
 import main_fractalgen
+import util.checkpoint as checkpoint
 import util.misc as misc
 from helpers import MODEL_ARGS, ROOT, run, write_image_folder
 from models.fractalgen import build_model
@@ -69,12 +70,12 @@ def test_step_checkpoint_resumes_exactly(data, tmp_path, monkeypatch):
         crash_on_call(m, engine_fractalgen, "apply_gradients", 3 + 3)  # epoch 1, step 2
         with pytest.raises(KeyboardInterrupt):
             main_fractalgen.main(parse(argv + ["--output_dir", crashed]))
-    ckpt = misc.load_checkpoint(os.path.join(crashed, "checkpoint-last.pth"))
+    ckpt = checkpoint.load(os.path.join(crashed, "checkpoint-last.pth"))
     assert ckpt["epoch"] == 0 and ckpt["resume_at"] == {"epoch": 1, "step": 2, "consumed": 16}
     main_fractalgen.main(parse(argv + ["--output_dir", crashed, "--resume", crashed]))
 
-    a = misc.load_checkpoint(os.path.join(whole, "checkpoint-last.pth"))
-    b = misc.load_checkpoint(os.path.join(crashed, "checkpoint-last.pth"))
+    a = checkpoint.load(os.path.join(whole, "checkpoint-last.pth"))
+    b = checkpoint.load(os.path.join(crashed, "checkpoint-last.pth"))
     assert a["epoch"] == b["epoch"] == 1 and "resume_at" not in b
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert not [f for f in os.listdir(crashed) if ".tmp" in f]
@@ -110,7 +111,7 @@ def test_torchrun_restarts_after_a_worker_is_killed(data, tmp_path):
         output = log.read()
     assert returncode == 0, output[-3000:]
     assert output.count("Training from epoch 0 to 4") == 1 and "Resumed from" in output, output[-3000:]
-    assert misc.load_checkpoint(ckpt_path)["epoch"] == 3
+    assert checkpoint.load(ckpt_path)["epoch"] == 3
 
 
 # ----------------------------------------------------------------------------- generation
@@ -120,7 +121,7 @@ def trained(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("trained"))
     torch.manual_seed(0)
     model = build_model("fractalmar_tiny_in16", class_num=3, num_conds=5, guiding_pixel=True)
-    misc.atomic_save({"model": model.state_dict(), "args": argparse.Namespace(model="fractalmar_tiny_in16")},
+    checkpoint.atomic_save({"model": model.state_dict(), "args": argparse.Namespace(model="fractalmar_tiny_in16")},
                      os.path.join(folder, "checkpoint-last.pth"))
     return folder
 
@@ -160,9 +161,9 @@ def test_generation_replaces_images_of_other_weights(trained, tmp_path, capsys):
     first = generate(trained, out)
     other = str(tmp_path / "other")
     os.makedirs(other)
-    ckpt = misc.load_checkpoint(os.path.join(trained, "checkpoint-last.pth"))
+    ckpt = checkpoint.load(os.path.join(trained, "checkpoint-last.pth"))
     ckpt["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    misc.atomic_save(ckpt, os.path.join(other, "checkpoint-last.pth"))
+    checkpoint.atomic_save(ckpt, os.path.join(other, "checkpoint-last.pth"))
     capsys.readouterr()
     second = generate(other, out)
     assert "Removing 6 images" in capsys.readouterr().out and second != first and len(second) == 6
@@ -214,6 +215,8 @@ BAD_INPUTS = [  # (extra arguments, message fragment, setup(data, out) or None)
     (["--resume", "OUT"], "truncated", lambda data, out: write_checkpoint(out, truncate=True)),
     ([], "exists from an earlier run; pass --resume", lambda data, out: write_checkpoint(out)),
     (["--evaluate_nll", "--resume", "/nonexistent"], "evaluation needs a trained model", None),
+    (["--resume", "/nonexistent/run"], "no checkpoint-last.pth in --resume /nonexistent/run (no such folder)", None),
+    (["--save_last_freq", "0"], "--save_last_freq must be at least 1", None),
 ]
 
 
@@ -245,8 +248,8 @@ def test_bad_input_is_one_clear_line_and_output_untouched(tmp_path, extra, messa
     assert snapshot(out) == before
 
 
-@pytest.mark.parametrize("extra,message,setup", BAD_INPUTS[:1] + BAD_INPUTS[-3:-2],
-                         ids=[m for _, m, _ in BAD_INPUTS[:1] + BAD_INPUTS[-3:-2]])
+@pytest.mark.parametrize("extra,message,setup", BAD_INPUTS[:1] + BAD_INPUTS[9:10],
+                         ids=[m for _, m, _ in BAD_INPUTS[:1] + BAD_INPUTS[9:10]])
 def test_cli_prints_bad_input_as_one_line_and_exits_2(tmp_path, extra, message, setup):
     out, argv = bad_input_case(tmp_path, extra, setup)
     before = snapshot(out)

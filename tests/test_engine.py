@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import main_fractalgen
+import util.checkpoint as checkpoint
 import util.misc as misc
 from helpers import MODEL_ARGS, ROOT, run, write_image_folder
 from util.crop import center_crop_arr
@@ -88,15 +89,15 @@ def test_keep_freed_memory_reuses_pages_instead_of_faulting_them_in_again():
 
 def test_checkpoint_is_atomic_and_loads(tmp_path):
     path = str(tmp_path / "checkpoint-last.pth")
-    misc.atomic_save({"model": {"w": torch.ones(2)}, "epoch": 3, "args": argparse.Namespace(a=1)}, path)
+    checkpoint.atomic_save({"model": {"w": torch.ones(2)}, "epoch": 3, "args": argparse.Namespace(a=1)}, path)
     assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
-    assert misc.load_checkpoint(path)["epoch"] == 3
+    assert checkpoint.load(path)["epoch"] == 3
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
     with pytest.raises(misc.UserError, match="truncated"):
-        misc.load_checkpoint(path)
+        checkpoint.load(path)
     with pytest.raises(misc.UserError, match="no checkpoint at .*train one first"):
-        misc.load_checkpoint(str(tmp_path / "missing.pth"))
+        checkpoint.load(str(tmp_path / "missing.pth"))
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -190,7 +191,7 @@ def test_slurm_and_openmpi_start_two_processes(data, tmp_path, launcher):
     out = str(tmp_path / "out")
     os.makedirs(out)
     model = build_model("fractalmar_tiny_in16", class_num=3, num_conds=5, guiding_pixel=True)
-    misc.atomic_save({"model": model.state_dict()}, os.path.join(out, "checkpoint-last.pth"))
+    checkpoint.atomic_save({"model": model.state_dict()}, os.path.join(out, "checkpoint-last.pth"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from models.layers import IMAGENET_MEAN, IMAGENET_STD
 from util.crop import center_crop_arr
 from util.misc import UserError
+from util.stop import ignore_in_worker
 
 
 def image_folder(data_path, split, img_size, class_num):
@@ -48,8 +49,10 @@ class SkipCorruptImages(datasets.ImageFolder):
             try:
                 with Image.open(path) as img:
                     img = img.convert("RGB")
-            except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-                warnings.warn(f"skipping corrupt image {path}: {e}", stacklevel=1)
+            except Exception as e:  # noqa: BLE001 - truncated, not an image, a decompression bomb (also as a
+                # warning turned error): whatever stops it decoding as RGB, the file is the problem
+                warnings.warn(f"skipping image {path} that does not decode as RGB ({type(e).__name__}: {e})",
+                              stacklevel=1)
                 continue
             return self.transform(img), label
         raise UserError(f"no readable image in {self.root}")
@@ -102,10 +105,11 @@ def train_loader(dataset, batch_size, num_workers, pin_memory, num_replicas, ran
     # its own generator: starting an epoch's iterator must not draw from the model's random state,
     # or a run resumed mid-epoch would see other dropout and masks than one that was never stopped
     return DataLoader(FlippedImages(dataset), sampler=sampler, batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=True, generator=torch.Generator().manual_seed(seed))
+                      pin_memory=pin_memory, drop_last=True, generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=ignore_in_worker)
 
 
 def eval_loader(dataset, batch_size, num_workers, pin_memory, num_replicas, rank):
     """Every image once, rank-strided, no padding: sums over ranks are exact."""
     return DataLoader(dataset, sampler=list(range(rank, len(dataset), num_replicas)), batch_size=batch_size,
-                      num_workers=num_workers, pin_memory=pin_memory)
+                      num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=ignore_in_worker)

@@ -20,6 +20,8 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
+from util.checkpoint import NAME as CHECKPOINT_NAME
+
 ADM_BATCHES = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet"
 CHECKPOINTS = ("fractalar_in64", "fractalmar_in64", "fractalmar_base_in256", "fractalmar_large_in256",
                "fractalmar_huge_in256")
@@ -73,7 +75,7 @@ def download_pretrained(name, dest_dir="pretrained_models", url=None):
     """pretrained_models/<name>/checkpoint-last.pth (usable as --resume pretrained_models/<name>)."""
     if name not in CHECKPOINTS:
         raise DownloadError(f"unknown released model {name!r}; the released models are: {', '.join(CHECKPOINTS)}")
-    path = os.path.join(dest_dir, name, "checkpoint-last.pth")
+    path = os.path.join(dest_dir, name, CHECKPOINT_NAME)
     if os.path.exists(path):
         return path
     if url is None:

@@ -1,9 +1,12 @@
-"""Distributed set-up, progress logging, checkpoints and results files."""
-import argparse
+"""Distributed set-up, progress logging, atomic writes, the output folder's lock and results files."""
+import atexit
+import contextlib
 import ctypes
 import datetime
+import errno
 import json
 import os
+import socket
 import time
 
 import torch
@@ -98,6 +101,13 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def all_reduce_max(tensor):
+    """Maximum over ranks (in place), returning the tensor."""
+    if is_dist():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def all_ranks_ok(ok, device):
     """True only if `ok` holds on every rank (so that all ranks stop together)."""
     flag = torch.tensor([0.0 if ok else 1.0], device=device)
@@ -140,88 +150,109 @@ class ProgressLogger:
 
 
 # ----------------------------------------------------------------------------- files
-def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    folder, name = os.path.split(os.path.abspath(path))
-    for stale in os.listdir(folder):  # left by a writer that was killed: the next write replaces them
-        if stale.startswith(f"{name}.tmp."):
-            os.remove(os.path.join(folder, stale))
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space, or over quota
+
+
+@contextlib.contextmanager
+def write_atomically(path, sync=True):
+    """Yield a binary file that replaces `path` only once completely written (fsynced first when `sync`,
+    so a power loss cannot leave an empty file behind the new name). On any failure this writer's
+    temporary file is removed and `path` is left as it was; a full disk is a UserError naming the folder."""
+    folder = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def rng_states(device):
-    """This rank's random state (dropout, label drop, MAR masks), gathered from every rank."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    if not is_dist():
-        return [state]
-    states = [None] * get_world_size()
-    dist.all_gather_object(states, state)
-    return states
-
-
-def restore_rng_states(states, device):
-    """Put back this rank's random state from a checkpoint; False if the number of ranks changed."""
-    if not states or len(states) != get_world_size():
-        return False
-    state = states[get_rank()]
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    return True
-
-
-def save_checkpoint(args, model_without_ddp, optimizer, scaler, epoch, device, resume_at=None):
-    """output_dir/checkpoint-last.pth, written atomically by rank 0 (every rank must call it).
-
-    The release's keys {model, optimizer, epoch, scaler, args}, with `epoch` the last finished epoch,
-    so the release resumes it at the next whole epoch; plus every rank's random state and, for a
-    checkpoint taken inside an epoch, `resume_at` = {epoch, step, consumed}: the epoch under way, the
-    step to run next and how many of the epoch's images all ranks have trained on."""
-    path = os.path.join(args.output_dir, "checkpoint-last.pth")
-    rng = rng_states(device)
-    if is_main_process():
-        ckpt = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "scaler": scaler.state_dict(), "args": args, "rng": rng}
-        if resume_at is not None:
-            ckpt["resume_at"] = resume_at
-        atomic_save(ckpt, path)
-    return path
-
-
-def load_checkpoint(path):
-    """Read a checkpoint (ours or the release's); a truncated or foreign file is a UserError."""
-    torch.serialization.add_safe_globals([argparse.Namespace])
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one first, or point --resume (or the path) at the folder "
-                        "or file that holds it")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read means the same thing to the user
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        "it may be truncated: restore it or point --resume elsewhere") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise UserError(f"{path} is not a FractalGen checkpoint (no 'model' entry)")
-    return ckpt
+        with open(tmp, "wb") as f:
+            yield f
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            raise UserError(f"disk full while writing {path}: free space in {folder} and run the same command "
+                            f"again (the file it replaces, if any, is unchanged)") from None
+        raise
+    if sync:
+        sync_folder(folder)
 
 
-def load_model_state(model, state_dict, path):
-    """Strict load with a message naming the keys that differ, for a checkpoint of another model."""
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in state_dict.items()}
-    missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
-    mismatched = sorted(k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k])
-    if missing or unexpected or mismatched:
-        def few(keys):
-            return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-        parts = [f"{label}: {few(keys)}" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("shape differs", mismatched)) if keys]
-        raise UserError(f"checkpoint {path} does not match this model ({'; '.join(parts)}); "
-                        "check --model, --num_conds, --guiding_pixel and --class_num")
-    model.load_state_dict(state_dict, strict=True)
+def sync_folder(folder):
+    """fsync a folder, so that a rename in it survives a power loss (a no-op where folders can't be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder, names):
+    """Remove `name.tmp.<pid>` files left in `folder` by a killed writer; call it only while holding the
+    folder's lock, so that no live writer's file is among them."""
+    for f in os.listdir(folder):
+        if any(f.startswith(f"{name}.tmp.") for name in names):
+            os.remove(os.path.join(folder, f))
+
+
+LOCK_NAME = ".fractalgen.lock"
+_held_locks = {}
+atexit.register(lambda: [release_output_dir(folder) for folder in list(_held_locks)])
+
+
+def lock_output_dir(folder):
+    """One run per output folder: an fcntl lock on a file in it, held until release_output_dir or the
+    process's end (the OS drops it when the process dies, also by SIGKILL); calling it again in the same
+    process keeps it. Rank 0 takes it; every rank learns whether it succeeded. A second run gets a
+    UserError naming the folder and the holder's pid."""
+    error = None
+    if is_main_process():
+        error = _take_lock(folder)
+    if is_dist():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UserError(error)
+
+
+def _take_lock(folder):
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        return None
+    path = os.path.join(folder, LOCK_NAME)
+    held = _held_locks.get(os.path.abspath(folder))
+    if held is not None:  # main() called again in this process: keep the lock if its file is still there
+        if os.path.exists(path) and os.path.samestat(os.fstat(held.fileno()), os.stat(path)):
+            return None
+        release_output_dir(folder)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        return (f"another run (pid {holder}) is using --output_dir {folder}; wait for it to end, stop it, or "
+                "choose another --output_dir")
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _held_locks[os.path.abspath(folder)] = f
+    return None
+
+
+def release_output_dir(folder):
+    f = _held_locks.pop(os.path.abspath(folder), None)
+    if f is not None:
+        f.close()  # closing the file drops the lock
 
 
 def update_results(output_dir, **results):
@@ -234,7 +265,5 @@ def update_results(output_dir, **results):
         with open(path) as f:
             data = json.load(f)
     data.update(results)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    with write_atomically(path) as f:
+        f.write(json.dumps(data, indent=2).encode())

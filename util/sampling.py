@@ -5,6 +5,7 @@ import os
 import torch
 import torchvision.utils as vutils
 
+import util.checkpoint as checkpoint
 import util.misc as misc
 from util.misc import autocast
 from models.fractalgen import build_model
@@ -24,7 +25,7 @@ def load_model(checkpoint_path, device="cpu", model_name=None):
     The settings (model, class_num, num_conds, guiding_pixel, img_size, num_iter_list) come from the
     checkpoint's `args`; a checkpoint without them needs `model_name`, one of the released models.
     """
-    ckpt = misc.load_checkpoint(checkpoint_path)
+    ckpt = checkpoint.load(checkpoint_path)
     args = ckpt.get("args")
     if args is not None:
         settings = dict(model=args.model, class_num=args.class_num, num_conds=args.num_conds,
@@ -38,7 +39,7 @@ def load_model(checkpoint_path, device="cpu", model_name=None):
                              f"one of {', '.join(RELEASED)}")
     model = build_model(settings["model"], class_num=settings["class_num"], num_conds=settings["num_conds"],
                         guiding_pixel=settings["guiding_pixel"])
-    misc.load_model_state(model, ckpt["model"], checkpoint_path)
+    checkpoint.load_model_state(model, ckpt["model"], checkpoint_path)
     settings["img_size"] = model.img_size
     return model.to(device).eval(), settings
 

@@ -1,0 +1,190 @@
+"""The checkpoint format: saved, checked and loaded here, and nowhere else.
+
+A run keeps one file, <output_dir>/checkpoint-last.pth, holding the release's keys {model, optimizer,
+epoch, scaler, args}, plus `rng` (every rank's random state) and, for a checkpoint taken inside an
+epoch, `resume_at` = {epoch, step, consumed}: the epoch under way, the step to run next and how many of
+that epoch's images all ranks have trained on. The saved `epoch` is always the last *finished* epoch,
+because the release resumes at `epoch + 1`: its code then continues our checkpoints at the next whole
+epoch, and ours continues the release's. Weights or optimizer state that are not finite are never saved.
+"""
+import argparse
+import os
+
+import torch
+
+import util.misc as misc
+from util.misc import UserError
+
+NAME = "checkpoint-last.pth"
+
+
+def path_in(folder):
+    return os.path.join(folder, NAME)
+
+
+# ----------------------------------------------------------------------------- save
+def atomic_save(obj, path):
+    """torch.save through a temporary file that is fsynced, then renamed over `path`: a crash or a full
+    disk never leaves half a checkpoint, and the previous one stays until the new one is complete."""
+    with misc.write_atomically(path) as f:  # a Python file, so that a full disk comes back as OSError(ENOSPC)
+        torch.save(obj, f)
+
+
+def first_non_finite(model, optimizer=None):
+    """The name of the first weight (or optimizer state entry) holding nan or inf, or None."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            return name
+    if optimizer is not None:
+        for i, state in enumerate(optimizer.state.values()):
+            for key, t in state.items():
+                if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+                    return f"optimizer state {key} of parameter {i}"
+    return None
+
+
+def save(args, model_without_ddp, optimizer, scaler, epoch, device, step=None, consumed=0):
+    """Write output_dir/checkpoint-last.pth after `epoch` finished, or, with `step`, inside `epoch` after
+    `step` steps and `consumed` images (over all ranks). Every rank must call it; rank 0 writes.
+    Non-finite weights or optimizer state stop training instead (all ranks together), and the previous
+    checkpoint stays in place."""
+    bad = first_non_finite(model_without_ddp, optimizer)
+    if not misc.all_ranks_ok(bad is None, device):
+        where = f"epoch {epoch}" + (f", step {step}" if step is not None else " (its end)")
+        raise UserError(f"nan or inf at {where} (in {bad or 'the model on another rank'}); training stopped "
+                        f"without saving ({previous(args.output_dir)}). Lower --blr (or --lr), raise "
+                        "--warmup_epochs, or use --precision bf16/fp32")
+    rng, error = rng_states(device), None
+    if misc.is_main_process():
+        ckpt = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                "epoch": epoch if step is None else epoch - 1, "scaler": scaler.state_dict(), "args": args,
+                "rng": rng}
+        if step is not None:
+            ckpt["resume_at"] = {"epoch": epoch, "step": step, "consumed": consumed}
+        try:
+            atomic_save(ckpt, path_in(args.output_dir))
+        except UserError as e:  # a full disk: every rank stops, not only the one that writes
+            error = str(e)
+    if not misc.all_ranks_ok(error is None, device):
+        raise UserError(error or "rank 0 could not save the checkpoint: see its message")
+
+
+def previous(output_dir):
+    """What a run that stops without saving leaves, for its message."""
+    if os.path.exists(path_in(output_dir)):
+        return f"the last checkpoint, {path_in(output_dir)}, is unchanged"
+    return f"no checkpoint was saved in {output_dir}"
+
+
+def rng_states(device):
+    """This rank's random state (dropout, label drop, MAR masks), gathered from every rank."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    if not misc.is_dist():
+        return [state]
+    states = [None] * misc.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+# ----------------------------------------------------------------------------- load
+def load(path):
+    """Read a checkpoint (ours or the release's); a missing, truncated or foreign file is a UserError."""
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one first, or point --resume (or the path) at the folder "
+                        "or file that holds it")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read means the same thing to the user
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        "it may be truncated: restore it or point --resume elsewhere") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{path} is not a FractalGen checkpoint (no 'model' entry)")
+    return ckpt
+
+
+def load_model_state(model, state_dict, path):
+    """Strict load with a message naming the keys that differ, for a checkpoint of another model; weights
+    that are not finite (a diverged run's, from before this check existed) are refused."""
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state_dict.items()}
+    missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+    mismatched = sorted(k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k])
+    if missing or unexpected or mismatched:
+        def few(keys):
+            return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+        parts = [f"{label}: {few(keys)}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("shape differs", mismatched)) if keys]
+        raise UserError(f"checkpoint {path} does not match this model ({'; '.join(parts)}); "
+                        "check --model, --num_conds, --guiding_pixel and --class_num")
+    model.load_state_dict(state_dict, strict=True)
+    bad = first_non_finite(model)
+    if bad is not None:
+        raise UserError(f"checkpoint {path} holds weights that are not finite ({bad}): it comes from a run that "
+                        "diverged; use an earlier checkpoint or train again with a lower learning rate")
+
+
+def to_resume(args, training):
+    """(path, checkpoint) named by --resume, or (None, None) for a fresh run; read and checked before
+    anything is written. --resume may name the --output_dir of a fresh run (the release's commands pass
+    --resume ${OUTPUT_DIR} on the first run too: this case is announced); otherwise it must be a folder
+    holding a checkpoint. A fresh training run never overwrites a checkpoint in --output_dir."""
+    ours, path = path_in(args.output_dir), path_in(args.resume) if args.resume else None
+    if args.resume and os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume} is a file; pass the folder that holds {NAME} "
+                        f"(--resume {os.path.dirname(args.resume) or '.'})")
+    found = path is not None and os.path.isfile(path)
+    if training and os.path.exists(ours) and not (found and os.path.samefile(path, ours)):
+        raise UserError(f"{ours} exists from an earlier run; pass --resume {args.output_dir} to continue "
+                        "it, or choose another --output_dir")
+    if found:
+        return path, load(path)
+    if not training:
+        raise UserError(f"evaluation needs a trained model: no {NAME} in --resume {args.resume!r}; point --resume "
+                        "at the folder that holds it")
+    if path is not None and not same_folder(args.resume, args.output_dir):
+        what = "" if os.path.isdir(args.resume) else " (no such folder)"
+        raise UserError(f"no {NAME} in --resume {args.resume}{what}; point --resume at the folder of the run "
+                        "to continue, or pass --resume with the --output_dir (or no --resume) for a fresh run")
+    if path is not None and misc.is_main_process():
+        print(f"No {NAME} in --resume {args.resume} yet: starting a fresh run, which saves there", flush=True)
+    return None, None
+
+
+def same_folder(a, b):
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def restore_training_state(ckpt, optimizer, scaler, device):
+    """Optimizer, scaler and random state from a checkpoint; returns (epoch to run, images of that
+    epoch already trained on). A release checkpoint holding only `model` starts at epoch 0."""
+    if "optimizer" not in ckpt or "epoch" not in ckpt:
+        return 0, 0
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if not restore_rng_states(ckpt.get("rng"), device) and "rng" in ckpt and misc.is_main_process():
+        print("The number of processes changed since the checkpoint: random state not restored", flush=True)
+    if "resume_at" in ckpt:
+        return ckpt["resume_at"]["epoch"], ckpt["resume_at"]["consumed"]
+    return ckpt["epoch"] + 1, 0
+
+
+def restore_rng_states(states, device):
+    """Put back this rank's random state from a checkpoint; False if the number of ranks changed."""
+    if not states or len(states) != misc.get_world_size():
+        return False
+    state = states[misc.get_rank()]
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    return True
+
+
+def describe(ckpt):
+    """Where a resumed run continues, for the log."""
+    if "resume_at" in ckpt:
+        return f"inside epoch {ckpt['resume_at']['epoch']}, at step {ckpt['resume_at']['step']}"
+    return f"after epoch {ckpt.get('epoch', 'n/a')}"
