@@ -94,6 +94,10 @@ class TransformerBlock(nn.Module):
 
 
 class AR(PatchGenerator):
+    """An autoregressive generator level: a causal transformer reads [condition, patch_0 .. patch_{L-1}]
+    in raster order, and its output at position t is the one condition it hands the next level for
+    patch t (sampling makes one patch per step with a KV cache)."""
+
     def __init__(self, seq_len, patch_size, cond_embed_dim, embed_dim, num_blocks, num_heads,
                  grad_checkpointing=False, **unused):
         super().__init__(seq_len, patch_size, cond_embed_dim, embed_dim, num_prefix=1,

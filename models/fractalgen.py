@@ -42,6 +42,14 @@ def check_config(img_size_list, embed_dim_list, num_blocks_list, num_heads_list,
 
 
 class FractalGen(nn.Module):
+    """Level `fractal_level` of a fractal generator and, recursively, every level below it.
+
+    Its generator (AR or MAR) cuts an image of img_size_list[level] into patches of the next size and
+    gives each patch its conditions; `next_fractal` (the next FractalGen, or the PixelLoss head at
+    the last level) models the patches given those conditions. Level 0 also turns class labels into
+    the first conditions (`class_emb`, with `fake_latent` for "no class").
+    """
+
     def __init__(self, img_size_list, embed_dim_list, num_blocks_list, num_heads_list, generator_type_list,
                  label_drop_prob=0.1, class_num=1000, attn_dropout=0.1, proj_dropout=0.1, guiding_pixel=False,
                  num_conds=1, r_weight=1.0, grad_checkpointing=False, fractal_level=0):
@@ -59,12 +67,16 @@ class FractalGen(nn.Module):
             nn.init.normal_(self.class_emb.weight, std=0.02)
             nn.init.normal_(self.fake_latent, std=0.02)
 
+        # an inner MAR level reads num_conds conditions per patch; an AR level or the pixel head reads one
+        next_is_mar = level + 1 < self.num_fractal_levels - 1 and generator_type_list[level + 1] == "mar"
         generator_kwargs = dict(
             seq_len=(img_size_list[level] // img_size_list[level + 1]) ** 2, patch_size=img_size_list[level + 1],
             cond_embed_dim=embed_dim_list[level - 1] if level > 0 else embed_dim_list[0],
             embed_dim=embed_dim_list[level], num_blocks=num_blocks_list[level], num_heads=num_heads_list[level],
             attn_dropout=attn_dropout, proj_dropout=proj_dropout, num_conds=num_conds,
             guiding_pixel=guiding_pixel if level > 0 else False, grad_checkpointing=grad_checkpointing)
+        if generator_type_list[level] == "mar":
+            generator_kwargs["num_conds_out"] = num_conds if next_is_mar else 1
         self.generator = GENERATORS[generator_type_list[level]](**generator_kwargs)
 
         if level < self.num_fractal_levels - 2:
@@ -77,9 +89,6 @@ class FractalGen(nn.Module):
             self.next_fractal = PixelLoss(c_channels=embed_dim_list[level], width=embed_dim_list[level + 1],
                                           depth=num_blocks_list[level + 1], num_heads=num_heads_list[level + 1],
                                           r_weight=r_weight)
-        if hasattr(self.generator, "num_conds_out"):  # MAR: compute and pass down only what the next level reads
-            next_generator = getattr(self.next_fractal, "generator", None)
-            self.generator.num_conds_out = getattr(next_generator, "num_conds", 1)
 
     def check_inputs(self, imgs, labels):
         """Shapes, pixel range and label range; the value checks cost one host sync per call."""

@@ -181,13 +181,17 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+# `rows` picks the tokens whose outputs are wanted, in one of four forms:
+#   None            every token;
+#   a slice         the same tokens of every sequence, kept as (b, r, ...);
+#   a (b, t) mask   bool, true where wanted; the result is flattened to (m, ...), row-major;
+#   (b, r) indices  per sequence (repeats allowed), gathered to (b, r, ...).
 def is_mask(rows):
     return isinstance(rows, torch.Tensor) and rows.dtype == torch.bool
 
 
 def take_rows(x, rows):
-    """Tokens `rows` of x (b, t, ...): a slice (kept as (b, r, ...)), a (b, t) bool mask (flattened to
-    (m, ...), row-major) or (b, r) indices (gathered to (b, r, ...))."""
+    """Tokens `rows` of x (b, t, ...), in any form but None (see above)."""
     if isinstance(rows, slice):
         return x[:, rows]
     if is_mask(rows):

@@ -29,10 +29,16 @@ def neighbour_table(grid, device):
 
 
 class MAR(PatchGenerator):
+    """A masked generator level: a bidirectional transformer reads [guiding pixel], `num_conds`
+    condition tokens and the patches, some replaced by a mask token, and outputs one vector per patch.
+    It hands the next level, for each patch it generates, the first `num_conds_out` of CONDITIONS:
+    that patch's output and those of its four neighbours (zeros at the border)."""
+
     def __init__(self, seq_len, patch_size, cond_embed_dim, embed_dim, num_blocks, num_heads,
-                 attn_dropout, proj_dropout, num_conds=1, guiding_pixel=False, grad_checkpointing=False):
+                 attn_dropout, proj_dropout, num_conds=1, guiding_pixel=False, grad_checkpointing=False,
+                 num_conds_out=len(CONDITIONS)):
         self.num_conds, self.guiding_pixel = num_conds, bool(guiding_pixel)
-        self.num_conds_out = 5  # conditions the next level reads; FractalGen lowers it for a head or AR
+        self.num_conds_out = num_conds_out  # what the next level reads: only those are computed
         self.num_prefix = num_conds + self.guiding_pixel
         super().__init__(seq_len, patch_size, cond_embed_dim, embed_dim, num_prefix=self.num_prefix,
                          grad_checkpointing=grad_checkpointing)

@@ -63,6 +63,10 @@ def guided_logits(logits, cfg, filter_threshold):
 
 
 class PixelLoss(nn.Module):
+    """The last level: models one pixel given its condition as R, then G given R, then B given R and G,
+    each a 256-way categorical. It returns the loss (training, NLL) or the pixels (sampling); nothing
+    is handed further down."""
+
     def __init__(self, c_channels, width, depth, num_heads, r_weight=1.0):
         super().__init__()
         self.r_weight = r_weight
