@@ -20,74 +20,93 @@ import torch  # noqa: E402
 
 import util.misc as misc  # noqa: E402
 from engine_fractalgen import evaluate_gen, evaluate_nll, generation_labels, train_one_epoch  # noqa: E402
-from models.fractalgen import build_model  # noqa: E402
+from models.fractalgen import MODELS, RELEASED, build_model  # noqa: E402
 from util.data import eval_loader, image_folder, train_loader  # noqa: E402
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("FractalGen", add_help=True)
-    p.add_argument("--batch_size", default=64, type=int, help="per process; effective = batch_size × world size")
-    p.add_argument("--epochs", default=400, type=int)
-    p.add_argument("--model", default="fractalmar_in64", type=str)
-    p.add_argument("--img_size", default=64, type=int)
+    p = argparse.ArgumentParser(
+        "FractalGen", add_help=True, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=f"models: {', '.join(MODELS)} (released: {', '.join(RELEASED)})")
+    p.add_argument("--batch_size", default=64, type=int, help="images per process and step; the effective batch "
+                   "is batch_size × number of processes")
+    p.add_argument("--epochs", default=400, type=int, help="training epochs in all (a resumed run stops there too)")
+    p.add_argument("--model", default="fractalmar_in64", type=str, metavar="MODEL",
+                   help="configuration to build (names below)")
+    p.add_argument("--img_size", default=64, type=int, help="image side in pixels; must be the model's")
     # generation
-    p.add_argument("--num_iter_list", default="64,16", type=str, help="steps per generator level, comma-separated")
-    p.add_argument("--num_images", default=50000, type=int)
-    p.add_argument("--cfg", default=1.0, type=float)
-    p.add_argument("--cfg_schedule", default="constant", type=str, choices=["constant", "linear"])
-    p.add_argument("--temperature", default=1.0, type=float)
-    p.add_argument("--filter_threshold", default=1e-4, type=float)
-    p.add_argument("--label_drop_prob", default=0.1, type=float)
-    p.add_argument("--eval_freq", type=int, default=40)
-    p.add_argument("--save_last_freq", type=int, default=5)
+    p.add_argument("--num_iter_list", default="64,16", type=str,
+                   help="sampling steps of each generator level, outermost first, comma-separated")
+    p.add_argument("--num_images", default=50000, type=int,
+                   help="images to generate for FID/IS, split equally over the classes")
+    p.add_argument("--cfg", default=1.0, type=float, help="classifier-free guidance scale (1.0 = no guidance)")
+    p.add_argument("--cfg_schedule", default="linear", type=str, choices=["constant", "linear"],
+                   help="guidance over the outer steps: grows from 1 to --cfg (linear) or stays at --cfg")
+    p.add_argument("--temperature", default=1.0, type=float,
+                   help="multiplies the pixel logits when sampling (as released): above 1 sharpens")
+    p.add_argument("--filter_threshold", default=1e-4, type=float,
+                   help="with guidance, pixel values less likely than this under the class are never drawn")
+    p.add_argument("--label_drop_prob", default=0.1, type=float,
+                   help="share of training images whose class is replaced by the 'no class' embedding (for cfg)")
+    p.add_argument("--eval_freq", type=int, default=40, help="with --online_eval, generate and score every N epochs")
+    p.add_argument("--save_last_freq", type=int, default=5, help="write checkpoint-last.pth every N epochs (and at the end)")
     p.add_argument("--save_every_steps", type=int, default=0,
                    help="also refresh checkpoint-last.pth every N steps inside an epoch (0 = off); resuming "
                         "continues from the step after it")
-    p.add_argument("--online_eval", action="store_true")
-    p.add_argument("--evaluate_gen", action="store_true")
-    p.add_argument("--evaluate_nll", action="store_true")
-    p.add_argument("--gen_bsz", type=int, default=256)
-    p.add_argument("--nll_bsz", type=int, default=128)
-    p.add_argument("--nll_forward_number", type=int, default=1)
+    p.add_argument("--online_eval", action="store_true", help="generate and compute FID/IS during training")
+    p.add_argument("--evaluate_gen", action="store_true",
+                   help="no training: generate --num_images from the --resume checkpoint and score them")
+    p.add_argument("--evaluate_nll", action="store_true",
+                   help="no training: the unconditional NLL (bits/dim) of the validation images")
+    p.add_argument("--gen_bsz", type=int, default=1024, help="images per sampling batch and process")
+    p.add_argument("--nll_bsz", type=int, default=128, help="images per NLL batch and process")
+    p.add_argument("--nll_forward_number", type=int, default=1,
+                   help="passes averaged per image for the NLL: MAR's random order makes one pass noisy; no "
+                        "effect on AR")
     # optimization
-    p.add_argument("--weight_decay", type=float, default=0.05)
-    p.add_argument("--grad_checkpointing", action="store_true")
-    p.add_argument("--lr", type=float, default=None, help="absolute lr; default blr × effective batch / 256")
-    p.add_argument("--blr", type=float, default=5e-5)
-    p.add_argument("--min_lr", type=float, default=0.0)
-    p.add_argument("--lr_schedule", type=str, default="constant", choices=["constant", "cosine"])
-    p.add_argument("--warmup_epochs", type=int, default=40)
+    p.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on norms and biases)")
+    p.add_argument("--grad_checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, more time")
+    p.add_argument("--lr", type=float, default=None, help="absolute learning rate; default blr × effective batch / 256")
+    p.add_argument("--blr", type=float, default=5e-5, help="base learning rate, scaled by effective batch / 256")
+    p.add_argument("--min_lr", type=float, default=0.0, help="where the cosine schedule ends")
+    p.add_argument("--lr_schedule", type=str, default="cosine", choices=["constant", "cosine"],
+                   help="after the warm-up: stay at lr, or decay to min_lr by the last epoch")
+    p.add_argument("--warmup_epochs", type=int, default=40, help="epochs of linear warm-up from 0 to lr")
     p.add_argument("--precision", default=None, choices=["fp16", "bf16", "fp32"],
                    help="autocast precision; default fp16 with a gradient scaler on CUDA (as released), fp32 on CPU")
     # FractalGen
-    p.add_argument("--guiding_pixel", action="store_true")
-    p.add_argument("--num_conds", type=int, default=1)
-    p.add_argument("--r_weight", type=float, default=5.0)
-    p.add_argument("--grad_clip", type=float, default=3.0)
-    p.add_argument("--attn_dropout", type=float, default=0.1)
-    p.add_argument("--proj_dropout", type=float, default=0.1)
+    p.add_argument("--guiding_pixel", action="store_true",
+                   help="each patch first predicts its mean colour, which conditions its pixels (the 256×256 models)")
+    p.add_argument("--num_conds", type=int, default=1,
+                   help="conditions each MAR level passes down (the released MAR models use 5, AR 1)")
+    p.add_argument("--r_weight", type=float, default=5.0, help="weight of the red channel's loss (drawn first)")
+    p.add_argument("--grad_clip", type=float, default=3.0, help="clip the gradient norm to this (0 = off)")
+    p.add_argument("--attn_dropout", type=float, default=0.1, help="dropout on attention weights")
+    p.add_argument("--proj_dropout", type=float, default=0.1, help="dropout after attention and MLP projections")
     # data, outputs, evaluation files
     p.add_argument("--data_path", default="./data/imagenet", type=str, help="ImageFolder root with train/ and val/")
-    p.add_argument("--class_num", default=1000, type=int)
-    p.add_argument("--output_dir", default="./output_dir")
+    p.add_argument("--class_num", default=1000, type=int, help="number of classes (folders in train/)")
+    p.add_argument("--output_dir", default="./output_dir", help="checkpoints, results.json and generated images")
     p.add_argument("--log_dir", default=None, help="TensorBoard folder; default output_dir")
     p.add_argument("--fid_stats", default=None,
                    help="npz with mu and sigma; default fid_stats/adm_in{img_size}_stats.npz; 'none' = generate only")
     p.add_argument("--fid_inception_weights", default=None, help="local copy of torch-fidelity's InceptionV3 weights")
-    p.add_argument("--print_freq", default=20, type=int)
+    p.add_argument("--print_freq", default=20, type=int, help="log a line every N steps")
     # system
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", default=1, type=int)
-    p.add_argument("--resume", default="", help="folder holding checkpoint-last.pth")
-    p.add_argument("--start_epoch", default=0, type=int)
-    p.add_argument("--num_workers", default=10, type=int)
-    p.add_argument("--pin_mem", action="store_true")
-    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda, cuda:N or cpu; default cuda when there is one")
+    p.add_argument("--seed", default=0, type=int, help="random seed (each process adds its rank)")
+    p.add_argument("--resume", default="", help="folder holding checkpoint-last.pth to continue or evaluate")
+    p.add_argument("--start_epoch", default=0, type=int, help="first epoch of a run that does not resume")
+    p.add_argument("--num_workers", default=10, type=int, help="data loader processes per process")
+    p.add_argument("--pin_mem", action="store_true", help="pin data loader memory for faster copies to the GPU")
+    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin memory")
     p.set_defaults(pin_mem=True)
-    p.add_argument("--world_size", default=1, type=int)
-    p.add_argument("--local_rank", default=-1, type=int)
-    p.add_argument("--dist_on_itp", action="store_true")
-    p.add_argument("--dist_url", default="env://")
+    p.add_argument("--world_size", default=1, type=int, help="number of processes (torchrun sets it)")
+    p.add_argument("--local_rank", default=-1, type=int, help="set by the launcher")
+    p.add_argument("--dist_on_itp", action="store_true", help="take ranks from OpenMPI's environment")
+    p.add_argument("--dist_url", default="env://", help="how processes find each other")
     p.add_argument("--demo", action="store_true",
                    help="train a small model on the bundled digits (data/demo; CPU is fine), then write its NLL and "
                         "a sample grid to output_demo/; any flag given as well overrides the demo's setting")

@@ -7,14 +7,8 @@ import torchvision.utils as vutils
 
 import util.misc as misc
 from util.misc import autocast
-from models.fractalgen import build_model
+from models.fractalgen import RELEASED, build_model
 from models.layers import imagenet_stats
-
-# the released checkpoints' settings, for a checkpoint that does not carry its training `args`
-RELEASED = {  # name: (num_conds, guiding_pixel, default num_iter_list)
-    "fractalar_in64": (1, False, "64,16"), "fractalmar_in64": (5, False, "64,16"),
-    "fractalmar_base_in256": (5, True, "64,16,16"), "fractalmar_large_in256": (5, True, "64,16,16"),
-    "fractalmar_huge_in256": (5, True, "64,16,16")}
 
 
 def load_model(checkpoint_path, device="cpu", model_name=None):
@@ -30,9 +24,9 @@ def load_model(checkpoint_path, device="cpu", model_name=None):
         settings = dict(model=args.model, class_num=args.class_num, num_conds=args.num_conds,
                         guiding_pixel=args.guiding_pixel, num_iter_list=args.num_iter_list)
     elif model_name in RELEASED:
-        num_conds, guiding_pixel, num_iter_list = RELEASED[model_name]
-        settings = dict(model=model_name, class_num=1000, num_conds=num_conds, guiding_pixel=guiding_pixel,
-                        num_iter_list=num_iter_list)
+        released = RELEASED[model_name]
+        settings = dict(model=model_name, class_num=1000, num_conds=released["num_conds"],
+                        guiding_pixel=released["guiding_pixel"], num_iter_list=released["num_iter_list"])
     else:
         raise misc.UserError(f"{checkpoint_path} does not say which model it holds (no 'args'); pass model_name, "
                              f"one of {', '.join(RELEASED)}")
