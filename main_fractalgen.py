@@ -118,22 +118,31 @@ def get_args_parser():
 # the logits (as released), so 2.0 sharpens them: it removes the speckle an undertrained pixel head leaves.
 DEMO_DEFAULTS = dict(
     model="fractalmar_tiny_in16", img_size=16, num_conds=5, class_num=10, data_path="data/demo",
-    output_dir="output_demo", resume="output_demo", epochs=7, warmup_epochs=1, batch_size=32, lr=2e-3,
+    output_dir="output_demo", epochs=7, warmup_epochs=1, batch_size=32, lr=2e-3,
     lr_schedule="cosine", attn_dropout=0.0, proj_dropout=0.0, num_workers=1, save_last_freq=1, print_freq=50,
     num_iter_list="16,8", cfg=3.0, cfg_schedule="linear", temperature=2.0, nll_bsz=100, nll_forward_number=4)
 
 
 def parse_args(argv=None):
-    """The command line; with --demo, the demo's settings replace the defaults."""
+    """The command line; with --demo, the demo's settings replace the defaults, and the demo
+    continues the run in its own --output_dir unless --resume says otherwise."""
     parser = get_args_parser()
     if "--demo" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(**DEMO_DEFAULTS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.demo and not args.resume:
+        args.resume = args.output_dir
+    return args
 
 
 # ----------------------------------------------------------------------------- checks
 def check_args(args):
     """Everything that can be checked before long work starts."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise misc.UserError(f"--device {args.device}: this machine has no CUDA device; pass --device cpu")
+    if args.precision == "fp16" and not args.device.startswith("cuda"):
+        raise misc.UserError("--precision fp16 is for CUDA (with a gradient scaler); on the CPU it is slower and "
+                             "less accurate: use bf16 or fp32")
     if args.precision is None:
         args.precision = "fp16" if args.device.startswith("cuda") else "fp32"
     args.fid_stats = args.fid_stats or f"fid_stats/adm_in{args.img_size}_stats.npz"
