@@ -15,18 +15,22 @@ def load_model(checkpoint_path, device="cpu", model_name=None):
     """(model in eval mode on `device`, its settings) from a checkpoint written by main_fractalgen.py
     or released with the paper.
 
-    The settings (model, class_num, num_conds, guiding_pixel, img_size, num_iter_list) come from the
-    checkpoint's `args`; a checkpoint without them needs `model_name`, one of the released models.
+    The settings (model, class_num, num_conds, guiding_pixel, img_size, and the sampling settings
+    num_iter_list, cfg, cfg_schedule, temperature) come from the checkpoint's `args`; a checkpoint
+    without them needs `model_name`, one of the released models, whose released settings are used.
     """
     ckpt = misc.load_checkpoint(checkpoint_path)
     args = ckpt.get("args")
     if args is not None:
         settings = dict(model=args.model, class_num=args.class_num, num_conds=args.num_conds,
-                        guiding_pixel=args.guiding_pixel, num_iter_list=args.num_iter_list)
+                        guiding_pixel=args.guiding_pixel, num_iter_list=args.num_iter_list, cfg=args.cfg,
+                        cfg_schedule=args.cfg_schedule, temperature=args.temperature)
     elif model_name in RELEASED:
         released = RELEASED[model_name]
         settings = dict(model=model_name, class_num=1000, num_conds=released["num_conds"],
-                        guiding_pixel=released["guiding_pixel"], num_iter_list=released["num_iter_list"])
+                        guiding_pixel=released["guiding_pixel"], num_iter_list=released["num_iter_list"],
+                        cfg=released["cfg"], cfg_schedule=released["cfg_schedule"],
+                        temperature=released["temperature"])
     else:
         raise misc.UserError(f"{checkpoint_path} does not say which model it holds (no 'args'); pass model_name, "
                              f"one of {', '.join(RELEASED)}")
