@@ -47,7 +47,8 @@ def sample_classes(model, labels, num_iter_list, cfg=1.0, cfg_schedule="linear",
     """Images in [0, 1], (n, 3, S, S), one per entry of `labels`, on the model's device.
 
     With cfg != 1 the batch is doubled with `fake_latent` rows, the unconditional half of
-    classifier-free guidance. visualize=True shows a progress bar over the outer steps.
+    classifier-free guidance. visualize=True shows a progress bar over the outer steps; a callable
+    is given the partial images (model space, see `to_pixels`) after each outer step.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -63,6 +64,12 @@ def sample_classes(model, labels, num_iter_list, cfg=1.0, cfg_schedule="linear",
         images = model.sample(cond_list=[cond] * 5, num_iter_list=list(num_iter_list), cfg=cfg,
                               cfg_schedule=cfg_schedule, temperature=temperature,
                               filter_threshold=filter_threshold, fractal_level=0, visualize=visualize)
+    return to_pixels(images)
+
+
+def to_pixels(images):
+    """Model-space (ImageNet-normalized) images -> [0, 1] floats, e.g. for the partial images that
+    `visualize` callbacks receive."""
     mean, std = imagenet_stats(images.device)
     return (images.float() * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)).clamp(0, 1)
 
