@@ -275,7 +275,7 @@ def main(args):
         log_writer = SummaryWriter(log_dir=args.log_dir)
 
     if args.evaluate_nll:
-        report_nll(model, dataset_val, args, device, world, rank)
+        report_nll(model, dataset_val, args, device, world, rank, log_writer, ckpt_epoch)
     if args.evaluate_gen:
         evaluate_gen(model_without_ddp, args, device, ckpt_epoch, log_writer)
     if not training:
@@ -291,22 +291,33 @@ def main(args):
         train_one_epoch(model, model_without_ddp, loader, optimizer, scaler, device, epoch, log_writer, args,
                         steps_per_epoch, epoch_consumed)
         if epoch % args.save_last_freq == 0 or epoch + 1 == args.epochs or args.save_every_steps:
-            misc.save_checkpoint(args, model_without_ddp, optimizer, scaler, epoch, device)
+            path = misc.save_checkpoint(args, model_without_ddp, optimizer, scaler, epoch, device)
+            print_rank0(f"Saved {path} (epoch {epoch})")
         if args.online_eval and (epoch % args.eval_freq == 0 or epoch + 1 == args.epochs):
             evaluate_gen(model_without_ddp, args, device, epoch, log_writer)
         if log_writer is not None:
             log_writer.flush()
+        done, left = epoch + 1 - start_epoch, args.epochs - epoch - 1
+        print_rank0(f"Epoch {epoch} done; {elapsed(start)} so far, ETA of the run "
+                    f"{time.strftime('%H:%M:%S', time.gmtime((time.time() - start) / done * left))}")
     print_rank0(f"Training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - start))}")
     if args.demo:
-        finish_demo(model, model_without_ddp, args, device, world, rank)
+        finish_demo(model, model_without_ddp, args, device, world, rank, log_writer, args.epochs)
 
 
-def report_nll(model, dataset_val, args, device, world, rank):
+def elapsed(start):
+    return time.strftime("%H:%M:%S", time.gmtime(time.time() - start))
+
+
+def report_nll(model, dataset_val, args, device, world, rank, log_writer=None, epoch=None):
     """The NLL in bits/dim over `dataset_val`: printed and recorded in output_dir/results.json."""
     pin_memory = args.pin_mem and device.type == "cuda"
     bpd = evaluate_nll(model, eval_loader(dataset_val, args.nll_bsz, args.num_workers, pin_memory, world, rank),
                        device, args)
     print_rank0(f"BPD: {bpd:.5f}")
+    if log_writer is not None:
+        log_writer.add_scalar("val_bpd", bpd, epoch or 0)
+        log_writer.flush()
     misc.update_results(args.output_dir, nll={"bpd": bpd, "images": len(dataset_val),
                                               "forward_number": args.nll_forward_number})
 
@@ -321,15 +332,34 @@ def prepare_demo_data(args):
     misc.barrier()
 
 
-def finish_demo(model, model_without_ddp, args, device, world, rank):
-    """After training: NLL on the held-out digits and a grid of samples, one row per class."""
+def finish_demo(model, model_without_ddp, args, device, world, rank, log_writer, epoch):
+    """After training: NLL on the held-out digits beside what PNG costs on them, a grid of samples (one
+    row per class), and the share of samples a digit classifier reads as their class beside its
+    accuracy on real held-out digits."""
+    from util.digit_check import png_bits_per_dim, read_grid, real_digits, recognised_share
     from util.sampling import save_sample_grid
-    report_nll(model, image_folder(args.data_path, "val", args.img_size, args.class_num), args, device, world, rank)
+    report_nll(model, image_folder(args.data_path, "val", args.img_size, args.class_num), args, device, world, rank,
+               log_writer, epoch)
     if misc.is_main_process():
-        path = os.path.join(args.output_dir, "samples.png")
-        save_sample_grid(model_without_ddp, path, args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                         temperature=args.temperature, precision=args.precision, seed=args.seed, upscale=4)
+        (train_x, train_y), (val_x, val_y) = real_digits(args.img_size)
+        png = png_bits_per_dim(val_x)
+        print(f"PNG: {png:.3f} bits/dim on the same {len(val_x)} digits (lossless compression, files as saved)")
+        path, per_class = os.path.join(args.output_dir, "samples.png"), 8
+        grid = save_sample_grid(model_without_ddp, path, args.num_iter, per_class=per_class, cfg=args.cfg,
+                                cfg_schedule=args.cfg_schedule, temperature=args.temperature,
+                                precision=args.precision, seed=args.seed, upscale=4)
+        samples = read_grid(path, args.class_num, per_class, args.img_size, upscale=4)
+        share, real = recognised_share(samples, torch.arange(args.class_num).repeat_interleave(per_class),
+                                       (train_x, train_y), (val_x, val_y))
         print(f"Samples: {path}  (one row per class; checkpoint: {args.output_dir}/checkpoint-last.pth)")
+        print(f"Recognised as their digit: {share:.0%} of the samples (the same classifier on real held-out "
+              f"digits: {real:.0%})")
+        misc.update_results(args.output_dir, demo={"png_bpd": png, "recognised_share": share,
+                                                   "real_digits_accuracy": real, "samples": path})
+        if log_writer is not None:
+            log_writer.add_image("samples", grid, epoch)
+            log_writer.add_scalar("recognised_share", share, epoch)
+            log_writer.flush()
     misc.barrier()
 
 

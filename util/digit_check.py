@@ -46,9 +46,10 @@ class DigitClassifier:
         return (self.predict(images) == torch.as_tensor(labels)).float().mean().item()
 
 
-def recognised_share(images, labels, img_size=16):
-    """(share of `images` classified as their `labels`, the classifier's accuracy on real held-out digits)."""
-    (train_x, train_y), (val_x, val_y) = real_digits(img_size)
+def recognised_share(images, labels, train, val):
+    """(share of `images` classified as their `labels`, the classifier's accuracy on real held-out
+    digits), with the classifier fitted to `train` and checked on `val` ((images, labels) each)."""
+    (train_x, train_y), (val_x, val_y) = train, val
     classifier = DigitClassifier(train_x, train_y)
     return classifier.accuracy(images, labels), classifier.accuracy(val_x, val_y)
 
@@ -83,7 +84,7 @@ def main():
     args = p.parse_args()
     images = read_grid(args.grid, 10, args.per_row, args.img_size, args.upscale)
     labels = torch.arange(10).repeat_interleave(args.per_row)
-    share, real = recognised_share(images, labels, args.img_size)
+    share, real = recognised_share(images, labels, *real_digits(args.img_size))
     print(f"recognised as their digit: {share:.0%} of samples (real held-out digits: {real:.0%})")
 
 
