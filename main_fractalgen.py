@@ -113,9 +113,10 @@ def get_args_parser():
     return p
 
 
-# The embedded default: a small FractalMAR on the bundled MNIST digits (16×16, one colour per class),
-# sized to run in about 7 minutes on 2 CPU cores and give recognisable digits. --temperature multiplies
-# the logits (as released), so 2.0 sharpens them: it removes the speckle an undertrained pixel head leaves.
+# The demo preset: a small FractalMAR on the bundled MNIST digits (16×16, one colour per class), sized
+# for a few minutes on a CPU (timings: README). It resumes its own --output_dir (parse_args). --temperature
+# multiplies the logits (as released), so 2.0 sharpens them: it removes the speckle an undertrained pixel
+# head leaves.
 DEMO_DEFAULTS = dict(
     model="fractalmar_tiny_in16", img_size=16, num_conds=5, class_num=10, data_path="data/demo",
     output_dir="output_demo", epochs=7, warmup_epochs=1, batch_size=32, lr=2e-3,
