@@ -120,7 +120,7 @@ def get_args_parser():
 DEMO_DEFAULTS = dict(
     model="fractalmar_tiny_in16", img_size=16, num_conds=5, class_num=10, data_path="data/demo",
     output_dir="output_demo", epochs=7, warmup_epochs=1, batch_size=32, lr=2e-3,
-    lr_schedule="cosine", attn_dropout=0.0, proj_dropout=0.0, num_workers=1, save_last_freq=1, print_freq=50,
+    seed=1, lr_schedule="cosine", attn_dropout=0.0, proj_dropout=0.0, num_workers=1, save_last_freq=1, print_freq=50,
     num_iter_list="16,8", cfg=3.0, cfg_schedule="linear", temperature=2.0, nll_bsz=100, nll_forward_number=4)
 
 
