@@ -49,7 +49,8 @@ def get_args_parser():
     p.add_argument("--label_drop_prob", default=0.1, type=float,
                    help="share of training images whose class is replaced by the 'no class' embedding (for cfg)")
     p.add_argument("--eval_freq", type=int, default=40, help="with --online_eval, generate and score every N epochs")
-    p.add_argument("--save_last_freq", type=int, default=5, help="write checkpoint-last.pth every N epochs (and at the end)")
+    p.add_argument("--save_last_freq", type=int, default=5,
+                   help="write checkpoint-last.pth every N epochs (and at the end)")
     p.add_argument("--save_every_steps", type=int, default=0,
                    help="also refresh checkpoint-last.pth every N steps inside an epoch (0 = off); resuming "
                         "continues from the step after it")
@@ -67,7 +68,8 @@ def get_args_parser():
     p.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on norms and biases)")
     p.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, more time")
-    p.add_argument("--lr", type=float, default=None, help="absolute learning rate; default blr × effective batch / 256")
+    p.add_argument("--lr", type=float, default=None,
+                   help="absolute learning rate; default blr × effective batch / 256")
     p.add_argument("--blr", type=float, default=5e-5, help="base learning rate, scaled by effective batch / 256")
     p.add_argument("--min_lr", type=float, default=0.0, help="where the cosine schedule ends")
     p.add_argument("--lr_schedule", type=str, default="cosine", choices=["constant", "cosine"],

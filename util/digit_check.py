@@ -70,8 +70,8 @@ def read_grid(path, rows, per_row, img_size, upscale):
     """The images of a grid written by util.sampling.save_sample_grid, (rows*per_row, 3, S, S)."""
     grid = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
     pad, tile = max(upscale, 2), img_size * upscale
-    tiles = [grid[:, pad + r * (tile + pad):pad + r * (tile + pad) + tile, pad + c * (tile + pad):pad + c * (tile + pad) + tile]
-             for r in range(rows) for c in range(per_row)]
+    starts = [pad + i * (tile + pad) for i in range(max(rows, per_row))]
+    tiles = [grid[:, starts[r]:starts[r] + tile, starts[c]:starts[c] + tile] for r in range(rows) for c in range(per_row)]
     return torch.stack(tiles)[:, :, ::upscale, ::upscale]
 
 
