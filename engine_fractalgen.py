@@ -232,6 +232,17 @@ def evaluate_gen(model_without_ddp, args, device, epoch, log_writer):
             if log_writer is not None:
                 log_writer.add_scalar("fid", scores["fid"], epoch)
                 log_writer.add_scalar("is", scores["inception_score"], epoch)
+        if log_writer is not None:
+            log_writer.add_image("samples", folder_grid(folder, args.num_images), epoch)
         misc.update_results(args.output_dir, generation=results)
     misc.barrier()
     return results
+
+
+def folder_grid(folder, num_images, show=64):
+    """A (3, H, W) grid of the first `show` generated images spread over the classes (for TensorBoard)."""
+    import torchvision.utils as vutils
+    picks = np.linspace(0, num_images - 1, min(show, num_images)).round().astype(int)
+    images = [torch.from_numpy(np.asarray(Image.open(os.path.join(folder, f"{i:05d}.png")).convert("RGB")).copy())
+              for i in picks]
+    return vutils.make_grid(torch.stack(images).permute(0, 3, 1, 2), nrow=8, padding=2)

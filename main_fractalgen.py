@@ -24,93 +24,116 @@ import util.checkpoint as checkpoint  # noqa: E402
 import util.misc as misc  # noqa: E402
 import util.stop as stop  # noqa: E402
 from engine_fractalgen import evaluate_gen, evaluate_nll, generation_labels, train_one_epoch  # noqa: E402
-from models.fractalgen import build_model  # noqa: E402
+from models.fractalgen import MODELS, RELEASED, build_model  # noqa: E402
 from util.checks import check_flags  # noqa: E402
 from util.data import eval_loader, image_folder, train_loader  # noqa: E402
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("FractalGen", add_help=True)
-    p.add_argument("--batch_size", default=64, type=int, help="per process; effective = batch_size × world size")
-    p.add_argument("--epochs", default=400, type=int)
-    p.add_argument("--model", default="fractalmar_in64", type=str)
-    p.add_argument("--img_size", default=64, type=int)
+    p = argparse.ArgumentParser(
+        "FractalGen", add_help=True, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=f"models: {', '.join(MODELS)} (released: {', '.join(RELEASED)})")
+    p.add_argument("--batch_size", default=64, type=int, help="images per process and step; the effective batch "
+                   "is batch_size × number of processes")
+    p.add_argument("--epochs", default=400, type=int, help="training epochs in all (a resumed run stops there too)")
+    p.add_argument("--model", default="fractalmar_in64", type=str, metavar="MODEL",
+                   help="configuration to build (names below)")
+    p.add_argument("--img_size", default=64, type=int, help="image side in pixels; must be the model's")
     # generation
-    p.add_argument("--num_iter_list", default="64,16", type=str, help="steps per generator level, comma-separated")
-    p.add_argument("--num_images", default=50000, type=int)
-    p.add_argument("--cfg", default=1.0, type=float)
-    p.add_argument("--cfg_schedule", default="constant", type=str, choices=["constant", "linear"])
-    p.add_argument("--temperature", default=1.0, type=float)
-    p.add_argument("--filter_threshold", default=1e-4, type=float)
-    p.add_argument("--label_drop_prob", default=0.1, type=float)
-    p.add_argument("--eval_freq", type=int, default=40)
-    p.add_argument("--save_last_freq", type=int, default=5)
+    p.add_argument("--num_iter_list", default="64,16", type=str,
+                   help="sampling steps of each generator level, outermost first, comma-separated")
+    p.add_argument("--num_images", default=50000, type=int,
+                   help="images to generate for FID/IS, split equally over the classes")
+    p.add_argument("--cfg", default=1.0, type=float, help="classifier-free guidance scale (1.0 = no guidance)")
+    p.add_argument("--cfg_schedule", default="linear", type=str, choices=["constant", "linear"],
+                   help="guidance over the outer steps: grows from 1 to --cfg (linear) or stays at --cfg")
+    p.add_argument("--temperature", default=1.0, type=float,
+                   help="multiplies the pixel logits when sampling (as released): above 1 sharpens")
+    p.add_argument("--filter_threshold", default=1e-4, type=float,
+                   help="with guidance, pixel values less likely than this under the class are never drawn")
+    p.add_argument("--label_drop_prob", default=0.1, type=float,
+                   help="share of training images whose class is replaced by the 'no class' embedding (for cfg)")
+    p.add_argument("--eval_freq", type=int, default=40, help="with --online_eval, generate and score every N epochs")
+    p.add_argument("--save_last_freq", type=int, default=5,
+                   help="write checkpoint-last.pth every N epochs (and at the end)")
     p.add_argument("--save_every_steps", type=int, default=0,
                    help="also refresh checkpoint-last.pth every N steps inside an epoch (0 = off); resuming "
                         "continues from the step after it")
-    p.add_argument("--online_eval", action="store_true")
-    p.add_argument("--evaluate_gen", action="store_true")
-    p.add_argument("--evaluate_nll", action="store_true")
-    p.add_argument("--gen_bsz", type=int, default=256)
-    p.add_argument("--nll_bsz", type=int, default=128)
-    p.add_argument("--nll_forward_number", type=int, default=1)
+    p.add_argument("--online_eval", action="store_true", help="generate and compute FID/IS during training")
+    p.add_argument("--evaluate_gen", action="store_true",
+                   help="no training: generate --num_images from the --resume checkpoint and score them")
+    p.add_argument("--evaluate_nll", action="store_true",
+                   help="no training: the unconditional NLL (bits/dim) of the validation images")
+    p.add_argument("--gen_bsz", type=int, default=1024, help="images per sampling batch and process")
+    p.add_argument("--nll_bsz", type=int, default=128, help="images per NLL batch and process")
+    p.add_argument("--nll_forward_number", type=int, default=1,
+                   help="passes averaged per image for the NLL: MAR's random order makes one pass noisy; no "
+                        "effect on AR")
     # optimization
-    p.add_argument("--weight_decay", type=float, default=0.05)
-    p.add_argument("--grad_checkpointing", action="store_true")
-    p.add_argument("--lr", type=float, default=None, help="absolute lr; default blr × effective batch / 256")
-    p.add_argument("--blr", type=float, default=5e-5)
-    p.add_argument("--min_lr", type=float, default=0.0)
-    p.add_argument("--lr_schedule", type=str, default="constant", choices=["constant", "cosine"])
-    p.add_argument("--warmup_epochs", type=int, default=40)
+    p.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on norms and biases)")
+    p.add_argument("--grad_checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, more time")
+    p.add_argument("--lr", type=float, default=None,
+                   help="absolute learning rate; default blr × effective batch / 256")
+    p.add_argument("--blr", type=float, default=5e-5, help="base learning rate, scaled by effective batch / 256")
+    p.add_argument("--min_lr", type=float, default=0.0, help="where the cosine schedule ends")
+    p.add_argument("--lr_schedule", type=str, default="cosine", choices=["constant", "cosine"],
+                   help="after the warm-up: stay at lr, or decay to min_lr by the last epoch")
+    p.add_argument("--warmup_epochs", type=int, default=40, help="epochs of linear warm-up from 0 to lr")
     p.add_argument("--precision", default=None, choices=["fp16", "bf16", "fp32"],
                    help="autocast precision; default fp16 with a gradient scaler on CUDA (as released), fp32 on CPU")
     # FractalGen
-    p.add_argument("--guiding_pixel", action="store_true")
-    p.add_argument("--num_conds", type=int, default=1)
-    p.add_argument("--r_weight", type=float, default=5.0)
-    p.add_argument("--grad_clip", type=float, default=3.0)
-    p.add_argument("--attn_dropout", type=float, default=0.1)
-    p.add_argument("--proj_dropout", type=float, default=0.1)
+    p.add_argument("--guiding_pixel", action="store_true",
+                   help="each patch first predicts its mean colour, which conditions its pixels (the 256×256 models)")
+    p.add_argument("--num_conds", type=int, default=1,
+                   help="conditions each MAR level passes down (the released MAR models use 5, AR 1)")
+    p.add_argument("--r_weight", type=float, default=5.0, help="weight of the red channel's loss (drawn first)")
+    p.add_argument("--grad_clip", type=float, default=3.0, help="clip the gradient norm to this (0 = off)")
+    p.add_argument("--attn_dropout", type=float, default=0.1, help="dropout on attention weights")
+    p.add_argument("--proj_dropout", type=float, default=0.1, help="dropout after attention and MLP projections")
     # data, outputs, evaluation files
     p.add_argument("--data_path", default="./data/imagenet", type=str, help="ImageFolder root with train/ and val/")
-    p.add_argument("--class_num", default=1000, type=int)
-    p.add_argument("--output_dir", default="./output_dir")
+    p.add_argument("--class_num", default=1000, type=int, help="number of classes (folders in train/)")
+    p.add_argument("--output_dir", default="./output_dir", help="checkpoints, results.json and generated images")
     p.add_argument("--log_dir", default=None, help="TensorBoard folder; default output_dir")
     p.add_argument("--fid_stats", default=None,
                    help="npz with mu and sigma; default fid_stats/adm_in{img_size}_stats.npz; 'none' = generate only")
     p.add_argument("--fid_inception_weights", default=None, help="local copy of torch-fidelity's InceptionV3 weights")
-    p.add_argument("--print_freq", default=20, type=int)
+    p.add_argument("--print_freq", default=20, type=int, help="log a line every N steps")
     # system
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", default=1, type=int)
-    p.add_argument("--resume", default="", help="folder holding checkpoint-last.pth")
-    p.add_argument("--start_epoch", default=0, type=int)
-    p.add_argument("--num_workers", default=10, type=int)
-    p.add_argument("--pin_mem", action="store_true")
-    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda, cuda:N or cpu; default cuda when there is one")
+    p.add_argument("--seed", default=0, type=int, help="random seed (each process adds its rank)")
+    p.add_argument("--resume", default="", help="folder holding checkpoint-last.pth to continue or evaluate")
+    p.add_argument("--start_epoch", default=0, type=int, help="first epoch of a run that does not resume")
+    p.add_argument("--num_workers", default=10, type=int, help="data loader processes per process")
+    p.add_argument("--pin_mem", action="store_true", help="pin data loader memory for faster copies to the GPU")
+    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin memory")
     p.set_defaults(pin_mem=True)
-    p.add_argument("--world_size", default=1, type=int)
-    p.add_argument("--local_rank", default=-1, type=int)
-    p.add_argument("--dist_on_itp", action="store_true")
-    p.add_argument("--dist_url", default="env://")
+    p.add_argument("--world_size", default=1, type=int, help="number of processes (torchrun sets it)")
+    p.add_argument("--local_rank", default=-1, type=int, help="set by the launcher")
+    p.add_argument("--dist_on_itp", action="store_true", help="take ranks from OpenMPI's environment")
+    p.add_argument("--dist_url", default="env://", help="how processes find each other")
     p.add_argument("--demo", action="store_true",
                    help="train a small model on the bundled digits (data/demo; CPU is fine), then write its NLL and "
                         "a sample grid to output_demo/; any flag given as well overrides the demo's setting")
     return p
 
 
-# The embedded default: a small FractalMAR on the bundled MNIST digits (16×16, one colour per class),
-# sized to run in about 7 minutes on 2 CPU cores and give recognisable digits. --temperature multiplies
-# the logits (as released), so 2.0 sharpens them: it removes the speckle an undertrained pixel head leaves.
+# The demo preset: a small FractalMAR on the bundled MNIST digits (16×16, one colour per class), sized
+# for a few minutes on a CPU (timings: README). It resumes its own --output_dir (parse_args). --temperature
+# multiplies the logits (as released), so 2.0 sharpens them: it removes the speckle an undertrained pixel
+# head leaves.
 DEMO_DEFAULTS = dict(
     model="fractalmar_tiny_in16", img_size=16, num_conds=5, class_num=10, data_path="data/demo",
-    output_dir="output_demo", resume="output_demo", epochs=7, warmup_epochs=1, batch_size=32, lr=2e-3,
-    lr_schedule="cosine", attn_dropout=0.0, proj_dropout=0.0, num_workers=1, save_last_freq=1, print_freq=50,
+    output_dir="output_demo", epochs=7, warmup_epochs=1, batch_size=32, lr=2e-3,
+    seed=1, lr_schedule="cosine", attn_dropout=0.0, proj_dropout=0.0, num_workers=1, save_last_freq=1, print_freq=50,
     num_iter_list="16,8", cfg=3.0, cfg_schedule="linear", temperature=2.0, nll_bsz=100, nll_forward_number=4)
 
 
 def parse_args(argv=None):
-    """The command line; with --demo, the demo's settings replace the defaults."""
+    """The command line; with --demo, the demo's settings replace the defaults, and the demo
+    continues the run in its own --output_dir unless --resume says otherwise."""
     parser = get_args_parser()
     argv = sys.argv[1:] if argv is None else argv
     parser.error = one_line_error
@@ -132,6 +155,9 @@ def one_line_error(message):
 def check_args(args):
     """Everything that can be checked before long work starts."""
     check_flags(args)
+    if args.precision == "fp16" and not args.device.startswith("cuda"):
+        raise misc.UserError("--precision fp16 is for CUDA (with a gradient scaler); on the CPU it is slower and "
+                             "less accurate: use bf16 or fp32")
     if args.precision is None:
         args.precision = "fp16" if args.device.startswith("cuda") else "fp32"
     args.fid_stats = args.fid_stats or f"fid_stats/adm_in{args.img_size}_stats.npz"
@@ -232,7 +258,7 @@ def main(args):
         log_writer = SummaryWriter(log_dir=args.log_dir)
 
     if args.evaluate_nll:
-        report_nll(model, dataset_val, args, device, world, rank)
+        report_nll(model, dataset_val, args, device, world, rank, log_writer, ckpt_epoch)
     if args.evaluate_gen:
         with stop.deferred():
             evaluate_gen(model_without_ddp, args, device, ckpt_epoch, log_writer)
@@ -252,17 +278,25 @@ def main(args):
             evaluate = args.online_eval and (epoch % args.eval_freq == 0 or epoch + 1 == args.epochs)
             # saved before an evaluation too, which a stop signal may end
             if epoch % args.save_last_freq == 0 or epoch + 1 == args.epochs or args.save_every_steps or evaluate:
-                checkpoint.save(args, model_without_ddp, optimizer, scaler, epoch, device)
+                path = checkpoint.save(args, model_without_ddp, optimizer, scaler, epoch, device)
+                print_rank0(f"Saved {path} (epoch {epoch})")
             if evaluate:
                 evaluate_gen(model_without_ddp, args, device, epoch, log_writer)
             if log_writer is not None:
                 log_writer.flush()
+            done, left = epoch + 1 - start_epoch, args.epochs - epoch - 1
+            print_rank0(f"Epoch {epoch} done; {elapsed(start)} so far, ETA of the run "
+                        f"{time.strftime('%H:%M:%S', time.gmtime((time.time() - start) / done * left))}")
     print_rank0(f"Training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - start))}")
     if args.demo:
-        finish_demo(model, model_without_ddp, args, device, world, rank)
+        finish_demo(model, model_without_ddp, args, device, world, rank, log_writer, args.epochs)
 
 
-def report_nll(model, dataset_val, args, device, world, rank):
+def elapsed(start):
+    return time.strftime("%H:%M:%S", time.gmtime(time.time() - start))
+
+
+def report_nll(model, dataset_val, args, device, world, rank, log_writer=None, epoch=None):
     """The NLL in bits/dim over `dataset_val`: printed and recorded in output_dir/results.json."""
     pin_memory = args.pin_mem and device.type == "cuda"
     bpd = evaluate_nll(model, eval_loader(dataset_val, args.nll_bsz, args.num_workers, pin_memory, world, rank),
@@ -271,6 +305,9 @@ def report_nll(model, dataset_val, args, device, world, rank):
         raise misc.UserError(f"the NLL came out {bpd} with --precision {args.precision}; try --precision fp32, or "
                              "check the checkpoint")
     print_rank0(f"BPD: {bpd:.5f}")
+    if log_writer is not None:
+        log_writer.add_scalar("val_bpd", bpd, epoch or 0)
+        log_writer.flush()
     misc.update_results(args.output_dir, nll={"bpd": bpd, "images": len(dataset_val),
                                               "forward_number": args.nll_forward_number})
 
@@ -285,15 +322,34 @@ def prepare_demo_data(args):
     misc.barrier()
 
 
-def finish_demo(model, model_without_ddp, args, device, world, rank):
-    """After training: NLL on the held-out digits and a grid of samples, one row per class."""
+def finish_demo(model, model_without_ddp, args, device, world, rank, log_writer, epoch):
+    """After training: NLL on the held-out digits beside what PNG costs on them, a grid of samples (one
+    row per class), and the share of samples a digit classifier reads as their class beside its
+    accuracy on real held-out digits."""
+    from util.digit_check import png_bits_per_dim, read_grid, real_digits, recognised_share
     from util.sampling import save_sample_grid
-    report_nll(model, image_folder(args.data_path, "val", args.img_size, args.class_num), args, device, world, rank)
+    report_nll(model, image_folder(args.data_path, "val", args.img_size, args.class_num), args, device, world, rank,
+               log_writer, epoch)
     if misc.is_main_process():
-        path = os.path.join(args.output_dir, "samples.png")
-        save_sample_grid(model_without_ddp, path, args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                         temperature=args.temperature, precision=args.precision, seed=args.seed, upscale=4)
+        (train_x, train_y), (val_x, val_y) = real_digits(args.img_size)
+        png = png_bits_per_dim(val_x)
+        print(f"PNG: {png:.3f} bits/dim on the same {len(val_x)} digits (lossless compression, files as saved)")
+        path, per_class = os.path.join(args.output_dir, "samples.png"), 8
+        grid = save_sample_grid(model_without_ddp, path, args.num_iter, per_class=per_class, cfg=args.cfg,
+                                cfg_schedule=args.cfg_schedule, temperature=args.temperature,
+                                precision=args.precision, seed=args.seed, upscale=4)
+        samples = read_grid(path, args.class_num, per_class, args.img_size, upscale=4)
+        share, real = recognised_share(samples, torch.arange(args.class_num).repeat_interleave(per_class),
+                                       (train_x, train_y), (val_x, val_y))
         print(f"Samples: {path}  (one row per class; checkpoint: {checkpoint.path_in(args.output_dir)})")
+        print(f"Recognised as their digit: {share:.0%} of the samples (the same classifier on real held-out "
+              f"digits: {real:.0%})")
+        misc.update_results(args.output_dir, demo={"png_bpd": png, "recognised_share": share,
+                                                   "real_digits_accuracy": real, "samples": path})
+        if log_writer is not None:
+            log_writer.add_image("samples", grid, epoch)
+            log_writer.add_scalar("recognised_share", share, epoch)
+            log_writer.flush()
     misc.barrier()
 
 

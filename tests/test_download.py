@@ -7,7 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from util.download import DownloadError, download, download_fid_stats, download_pretrained, main
+from models.fractalgen import RELEASED
+from util.download import CHECKPOINTS, DownloadError, download, download_fid_stats, download_pretrained, main
 from util.fid import load_fid_stats
 
 PAYLOAD = bytes(range(256)) * 400
@@ -85,7 +86,19 @@ def test_checkpoints(server, tmp_path, capsys):
     path = download_pretrained("fractalmar_in64", str(tmp_path), url=f"{server}/fractalmar_in64.pth")
     assert path == str(tmp_path / "fractalmar_in64" / "checkpoint-last.pth")
     assert download_pretrained("fractalmar_in64", str(tmp_path)) == path  # already there: no URL needed
-    with pytest.raises(DownloadError, match="pass it with --url"):
-        download_pretrained("fractalar_in64", str(tmp_path))
     assert main(["fractalmar_in6"]) == 2
     assert "fractalmar_huge_in256" in capsys.readouterr().err
+
+
+def test_released_checkpoints_need_no_url(server, tmp_path, monkeypatch):
+    """`python -m util.download NAME` and `all` fetch from the recorded URLs (here pointed at the local server)."""
+    assert all(RELEASED[name]["url"].startswith("https://www.dropbox.com/") for name in CHECKPOINTS)
+    for name in CHECKPOINTS:
+        RangeHandler.files[f"/{name}.pth"] = name.encode() * 100
+        monkeypatch.setitem(RELEASED[name], "url", f"{server}/{name}.pth")
+    monkeypatch.chdir(tmp_path)
+    assert main(["fractalar_in64"]) == 0
+    assert open("pretrained_models/fractalar_in64/checkpoint-last.pth", "rb").read() == b"fractalar_in64" * 100
+    assert main(["all"]) == 0
+    for name in CHECKPOINTS:
+        assert open(f"pretrained_models/{name}/checkpoint-last.pth", "rb").read() == name.encode() * 100

@@ -154,7 +154,10 @@ def test_torchrun_generation_writes_balanced_pngs_and_scores_offline(data, tmp_p
     stats = str(tmp_path / "stats.npz")
     compute_fid_stats(os.path.join(data, "train"), stats, torch.device("cpu"), inception_weights=weights)
     common = MODEL_ARGS + ["--data_path", data, "--output_dir", out, "--resume", out]
-    assert run(common + ["--epochs", "1", "--batch_size", "8"]).returncode == 0
+    train = run(common + ["--epochs", "2", "--batch_size", "8", "--save_last_freq", "1"])
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert train.stdout.count(f"Saved {os.path.join(out, 'checkpoint-last.pth')} (epoch") == 2
+    assert "Epoch 0 done" in train.stdout and "ETA of the run 00:00:" in train.stdout
     gen = run(common + ["--evaluate_gen", "--num_images", "12", "--gen_bsz", "3", "--num_iter_list", "4,2",
                         "--cfg", "2.0", "--cfg_schedule", "linear", "--fid_stats", stats,
                         "--fid_inception_weights", weights], nproc=2)
@@ -168,6 +171,15 @@ def test_torchrun_generation_writes_balanced_pngs_and_scores_offline(data, tmp_p
     import json
     results = json.load(open(os.path.join(out, "results.json")))["generation"]
     assert results["fid"] == pytest.approx(fid, abs=1e-3) and results["num_images"] == 12
+    logged = tensorboard_events(out)
+    assert logged.Scalars("fid")[-1].value == pytest.approx(fid, abs=1e-3)
+    assert logged.Scalars("is")[-1].value == pytest.approx(inception, abs=1e-3)
+    assert logged.Images("samples")[-1].width == 8 * 18 + 2  # 12 images, 8 to a row, 16 px + padding
+
+
+def tensorboard_events(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    return EventAccumulator(logdir, size_guidance={"scalars": 0, "images": 0}).Reload()
 
 
 def test_generation_labels_are_class_balanced():
@@ -220,4 +232,10 @@ def test_demo_mode_prepares_data_and_writes_nll_and_samples(tmp_path, capsys):
     assert 0 < json.load(open(os.path.join(out, "results.json")))["nll"]["bpd"] < 20
     grid = Image.open(os.path.join(out, "samples.png"))
     assert grid.size[1] > 10 * 16 * 4  # ten rows of 16-pixel samples shown 4× larger
-    assert "Samples: " in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "Samples: " in said and said.index("BPD: ") < said.index("PNG: ") < said.index("Recognised as their")
+    demo = json.load(open(os.path.join(out, "results.json")))["demo"]
+    assert 0 <= demo["recognised_share"] <= 1 and 0.85 < demo["real_digits_accuracy"] < 1 and demo["png_bpd"] > 0
+    logged = tensorboard_events(out)
+    assert logged.Scalars("recognised_share")[-1].value == pytest.approx(demo["recognised_share"])
+    assert 0 < logged.Scalars("val_bpd")[-1].value < 20 and logged.Images("samples")

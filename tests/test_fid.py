@@ -194,3 +194,19 @@ def test_cli_stats_of_missing_folder_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: image folder not found") and "\n" not in err
     assert not os.path.exists(tmp_path / "out.npz")
+
+
+def test_cli_stats_offline_says_to_pass_the_weights(tmp_path, capsys, monkeypatch):
+    """No internet and no --inception_weights: one line naming the flag, no traceback."""
+    import urllib.error
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "0.png")
+    rc = fid.main(["stats", str(tmp_path / "images"), str(tmp_path / "out.npz"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "--inception_weights" in err, err
+    assert not os.path.exists(tmp_path / "out.npz")

@@ -7,27 +7,23 @@ import pytest
 import torch
 
 from helpers import FIXTURES, load_fixture, normalize_u8, pixel_head, random_images
-from models.fractalgen import FractalGen, build_model
+from models.fractalgen import MODELS, RELEASED, FractalGen, build_model
 import models.layers as layers
 from models.layers import Dropout, attend, explicit_attention, patchify, unpatchify
 from models.pixelloss import draw_categorical, guided_logits
 
-RELEASED = {  # name: (num_conds, guiding_pixel, parameters in millions)
-    "fractalar_in64": (1, False, 442.07), "fractalmar_in64": (5, False, 432.00),
-    "fractalmar_base_in256": (5, True, 186.30), "fractalmar_large_in256": (5, True, 437.00),
-    "fractalmar_huge_in256": (5, True, 849.59)}
-
-
 @pytest.mark.parametrize("name", RELEASED)
 def test_released_models_have_the_released_keys_and_sizes(name):
-    num_conds, guiding_pixel, millions = RELEASED[name]
+    released = RELEASED[name]
     with torch.device("meta"):
-        model = build_model(name, num_conds=num_conds, guiding_pixel=guiding_pixel)
+        model = build_model(name, num_conds=released["num_conds"], guiding_pixel=released["guiding_pixel"])
+    assert released["config"] is MODELS[name] and model.img_size == released["img_size"]
+    assert len(released["num_iter_list"].split(",")) == model.num_fractal_levels - 1
     ours = sorted((k, "x".join(map(str, v.shape))) for k, v in model.state_dict().items())
     with open(os.path.join(FIXTURES, "keys", name + ".txt")) as f:
         ref = sorted(tuple(line.split()) for line in f if line.strip())
     assert ours == ref
-    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == millions
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == released["params"]
 
 
 def test_small_configs_and_lookup():

@@ -65,16 +65,20 @@ def test_notebook_samples_from_a_local_checkpoint(tmp_path):
             assert np.array_equal(tile(row, col)[:, :16], tile(0, 0)[:, :16])  # the known left half, as given
     text = "".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", []))
     assert "fractalmar_tiny_in16" in text and "num_iter_list 2,2" in text  # settings read from the checkpoint
+    assert "cfg 2.0 (linear), temperature 1.0" in text  # given, then the checkpoint's own
+    assert "2 steps shown as they were generated" in text  # the live view, redrawn after each outer step
     sources = "\n".join(cell.source for cell in nb.cells)
     assert ".cuda()" not in sources and "torch.cuda.is_available()" in sources
 
 
 @pytest.mark.parametrize("local, message", [(True, "no checkpoint at .*Quick start"),
-                                            (False, "URL of fractalmar_in64 is not recorded.*pass it")])
+                                            (False, "cannot reach .*offline.*fractalmar_in64/checkpoint-last.pth")])
 def test_notebook_says_what_to_do_without_a_checkpoint(tmp_path, local, message):
-    """A local path that does not exist, or a released model with no URL given and nothing downloaded."""
+    """A local path that does not exist, or a released model that cannot be downloaded (a URL where
+    nothing listens stands in for the recorded one: tests stay offline)."""
     parameters = dict(checkpoint_path=str(tmp_path / "nowhere.pth")) if local else \
-        dict(checkpoint_path="", model_name="fractalmar_in64", download_dir=str(tmp_path))
+        dict(checkpoint_path="", model_name="fractalmar_in64", download_dir=str(tmp_path),
+             checkpoint_url="http://127.0.0.1:9/checkpoint-last.pth")
     with pytest.raises(nbclient.exceptions.CellExecutionError, match=message):
         run_notebook(**parameters)
 
@@ -85,5 +89,5 @@ def test_load_model_needs_a_name_without_args(tmp_path):
         load_model(ckpt)
     model, settings = load_model(tiny_checkpoint(tmp_path / "full.pth"))
     assert settings == dict(model="fractalmar_tiny_in16", class_num=3, num_conds=5, guiding_pixel=True,
-                            num_iter_list="2,2", img_size=16)
+                            num_iter_list="2,2", cfg=1.0, cfg_schedule="linear", temperature=1.0, img_size=16)
     assert not model.training

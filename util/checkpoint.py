@@ -47,7 +47,7 @@ def save(args, model_without_ddp, optimizer, scaler, epoch, device, step=None, c
     """Write output_dir/checkpoint-last.pth after `epoch` finished, or, with `step`, inside `epoch` after
     `step` steps and `consumed` images (over all ranks). Every rank must call it; rank 0 writes.
     Non-finite weights or optimizer state stop training instead (all ranks together), and the previous
-    checkpoint stays in place."""
+    checkpoint stays in place. Returns the checkpoint's path."""
     bad = first_non_finite(model_without_ddp, optimizer)
     if not misc.all_ranks_ok(bad is None, device):
         where = f"epoch {epoch}" + (f", step {step}" if step is not None else " (its end)")
@@ -67,6 +67,7 @@ def save(args, model_without_ddp, optimizer, scaler, epoch, device, step=None, c
             error = str(e)
     if not misc.all_ranks_ok(error is None, device):
         raise UserError(error or "rank 0 could not save the checkpoint: see its message")
+    return path_in(args.output_dir)
 
 
 def previous(output_dir):

@@ -1,15 +1,16 @@
 """Download the released checkpoints and the ADM reference statistics, resuming partial downloads.
 
     python -m util.download fractalmar_in64                     # -> pretrained_models/fractalmar_in64/checkpoint-last.pth
-    python -m util.download fractalmar_in64 --url URL          # the same, from a URL you give
+    python -m util.download all                                 # the five released checkpoints
+    python -m util.download fractalmar_in64 --url URL          # the same, from a mirror you give
     python -m util.download adm_in256_stats                     # -> fid_stats/adm_in256_stats.npz (mu, sigma)
 
 A download goes to `<file>.part` and is renamed only when complete (and of the expected size, when
 known), so an interrupted download is continued with an HTTP Range request, never used half-done.
 
 The ADM statistics come from the reference batches of Dhariwal & Nichol (2021), whose `mu` and `sigma`
-(2048-d Inception pool features) are kept in a small npz. The released checkpoints' URLs are not
-recorded here yet: give one with --url (see the release's README), or place the file yourself.
+(2048-d Inception pool features) are kept in a small npz. The released checkpoints' URLs are those
+of the release's README, kept with the other facts of each model in models.fractalgen.RELEASED.
 """
 import argparse
 import os
@@ -20,11 +21,11 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
+from models.fractalgen import RELEASED
 from util.checkpoint import NAME as CHECKPOINT_NAME
 
 ADM_BATCHES = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet"
-CHECKPOINTS = ("fractalar_in64", "fractalmar_in64", "fractalmar_base_in256", "fractalmar_large_in256",
-               "fractalmar_huge_in256")
+CHECKPOINTS = tuple(RELEASED)
 STATS = {"adm_in64_stats": f"{ADM_BATCHES}/64/VIRTUAL_imagenet64_labeled.npz",
          "adm_in256_stats": f"{ADM_BATCHES}/256/VIRTUAL_imagenet256_labeled.npz"}
 
@@ -40,7 +41,10 @@ def download(url, path, expected_size=None, chunk=1 << 20):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     part = path + ".part"
     have = os.path.getsize(part) if os.path.exists(part) else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    headers = {"User-Agent": "Wget/1.21"}  # Dropbox sends the file itself, not its web page, to wget
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    request = urllib.request.Request(url, headers=headers)
     try:
         response = urllib.request.urlopen(request, timeout=60)
     except urllib.error.HTTPError as e:
@@ -78,10 +82,7 @@ def download_pretrained(name, dest_dir="pretrained_models", url=None):
     path = os.path.join(dest_dir, name, CHECKPOINT_NAME)
     if os.path.exists(path):
         return path
-    if url is None:
-        raise DownloadError(f"the download URL of {name} is not recorded in this code: pass it with --url (from the "
-                            f"release's README), or place the checkpoint at {path}")
-    return download(url, path)
+    return download(url or RELEASED[name]["url"], path)
 
 
 def download_fid_stats(name, dest_dir="fid_stats", url=None):
@@ -104,13 +105,15 @@ def download_fid_stats(name, dest_dir="fid_stats", url=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("names", nargs="+", help=f"any of: {', '.join(CHECKPOINTS + tuple(STATS))}")
+    p.add_argument("names", nargs="+", help=f"any of: {', '.join(CHECKPOINTS + tuple(STATS))}, or all "
+                                            "(the five checkpoints)")
     p.add_argument("--url", default=None, help="download from this URL instead (one name only)")
     args = p.parse_args(argv)
-    if args.url and len(args.names) > 1:
+    names = [n for name in args.names for n in (CHECKPOINTS if name == "all" else [name])]
+    if args.url and len(names) > 1:
         p.error("--url goes with one name")
     try:
-        for name in args.names:
+        for name in names:
             fetch = download_fid_stats if name in STATS else download_pretrained
             print(f"{name}: {fetch(name, url=args.url)}")
     except DownloadError as e:

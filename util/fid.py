@@ -190,8 +190,13 @@ def build_inception(device, inception_weights=None, features=("2048", "logits_un
     if inception_weights is not None and not os.path.isfile(inception_weights):
         raise ValueError(f"Inception weights file not found: {inception_weights}; pass torch-fidelity's "
                          "weights-inception-2015-12-05-6726825d.pth, or omit it to download")
-    model = FeatureExtractorInceptionV3("inception-v3-compat", list(features),
-                                        feature_extractor_weights_path=inception_weights, verbose=False)
+    try:
+        model = FeatureExtractorInceptionV3("inception-v3-compat", list(features),
+                                            feature_extractor_weights_path=inception_weights, verbose=False)
+    except OSError as e:  # urllib's URLError on a machine without internet
+        raise ValueError(f"cannot download torch-fidelity's InceptionV3 weights ({getattr(e, 'reason', e)}): pass "
+                         "--inception_weights PATH (--fid_inception_weights in main_fractalgen.py), a local copy "
+                         "of weights-inception-2015-12-05-6726825d.pth") from None
     return model.to(device)
 
 

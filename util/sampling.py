@@ -8,32 +8,30 @@ import torchvision.utils as vutils
 import util.checkpoint as checkpoint
 import util.misc as misc
 from util.misc import autocast
-from models.fractalgen import build_model
+from models.fractalgen import RELEASED, build_model
 from models.layers import imagenet_stats
-
-# the released checkpoints' settings, for a checkpoint that does not carry its training `args`
-RELEASED = {  # name: (num_conds, guiding_pixel, default num_iter_list)
-    "fractalar_in64": (1, False, "64,16"), "fractalmar_in64": (5, False, "64,16"),
-    "fractalmar_base_in256": (5, True, "64,16,16"), "fractalmar_large_in256": (5, True, "64,16,16"),
-    "fractalmar_huge_in256": (5, True, "64,16,16")}
 
 
 def load_model(checkpoint_path, device="cpu", model_name=None):
     """(model in eval mode on `device`, its settings) from a checkpoint written by main_fractalgen.py
     or released with the paper.
 
-    The settings (model, class_num, num_conds, guiding_pixel, img_size, num_iter_list) come from the
-    checkpoint's `args`; a checkpoint without them needs `model_name`, one of the released models.
+    The settings (model, class_num, num_conds, guiding_pixel, img_size, and the sampling settings
+    num_iter_list, cfg, cfg_schedule, temperature) come from the checkpoint's `args`; a checkpoint
+    without them needs `model_name`, one of the released models, whose released settings are used.
     """
     ckpt = checkpoint.load(checkpoint_path)
     args = ckpt.get("args")
     if args is not None:
         settings = dict(model=args.model, class_num=args.class_num, num_conds=args.num_conds,
-                        guiding_pixel=args.guiding_pixel, num_iter_list=args.num_iter_list)
+                        guiding_pixel=args.guiding_pixel, num_iter_list=args.num_iter_list, cfg=args.cfg,
+                        cfg_schedule=args.cfg_schedule, temperature=args.temperature)
     elif model_name in RELEASED:
-        num_conds, guiding_pixel, num_iter_list = RELEASED[model_name]
-        settings = dict(model=model_name, class_num=1000, num_conds=num_conds, guiding_pixel=guiding_pixel,
-                        num_iter_list=num_iter_list)
+        released = RELEASED[model_name]
+        settings = dict(model=model_name, class_num=1000, num_conds=released["num_conds"],
+                        guiding_pixel=released["guiding_pixel"], num_iter_list=released["num_iter_list"],
+                        cfg=released["cfg"], cfg_schedule=released["cfg_schedule"],
+                        temperature=released["temperature"])
     else:
         raise misc.UserError(f"{checkpoint_path} does not say which model it holds (no 'args'); pass model_name, "
                              f"one of {', '.join(RELEASED)}")
@@ -48,12 +46,19 @@ def load_model(checkpoint_path, device="cpu", model_name=None):
 def sample_classes(model, labels, num_iter_list, cfg=1.0, cfg_schedule="linear", temperature=1.0,
                    filter_threshold=1e-4, precision="fp32", visualize=False):
     """Images in [0, 1], (n, 3, S, S), one per entry of `labels`, on the model's device, under the
-    autocast of `precision`. visualize=True shows a progress bar over the outer steps."""
+    autocast of `precision`. visualize=True shows a progress bar over the outer steps; a callable
+    is given the partial images (model space, see `to_pixels`) after each outer step."""
     model.eval()
     device = next(model.parameters()).device
     with autocast(device, precision):
         images = model.generate(labels, num_iter_list, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
                                 filter_threshold=filter_threshold, visualize=visualize)
+    return to_pixels(images)
+
+
+def to_pixels(images):
+    """Model-space (ImageNet-normalized) images -> [0, 1] floats, e.g. for the partial images that
+    `visualize` callbacks receive."""
     mean, std = imagenet_stats(images.device)
     return (images.float() * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)).clamp(0, 1)
 
