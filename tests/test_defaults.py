@@ -63,5 +63,6 @@ def test_cuda_without_a_gpu_is_one_line_and_writes_nothing(tmp_path):
     out, data = tmp_path / "out", tmp_path / "data"
     proc = run(["--demo", "--device", "cuda", "--output_dir", str(out), "--data_path", str(data)])
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines() == ["error: --device cuda: this machine has no CUDA device; pass --device cpu"]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --device cuda: no cuda device") and "--device cpu" in lines[0]
     assert not out.exists() and not data.exists()
