@@ -24,6 +24,19 @@ from models.fractalgen import build_model  # noqa: E402
 from util.data import eval_loader, image_folder, train_loader  # noqa: E402
 
 
+def gen_bsz(value):
+    """--gen_bsz: a positive integer, or 'auto'."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {value!r}")
+    return n
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("FractalGen", add_help=True)
     p.add_argument("--batch_size", default=64, type=int, help="per process; effective = batch_size × world size")
@@ -46,7 +59,9 @@ def get_args_parser():
     p.add_argument("--online_eval", action="store_true")
     p.add_argument("--evaluate_gen", action="store_true")
     p.add_argument("--evaluate_nll", action="store_true")
-    p.add_argument("--gen_bsz", type=int, default=256)
+    p.add_argument("--gen_bsz", type=gen_bsz, default=256,
+                   help="images per sampling call and process, or auto: the largest that fits in memory, "
+                        "measured on the first batch (the images depend on it; the choice is printed)")
     p.add_argument("--nll_bsz", type=int, default=128)
     p.add_argument("--nll_forward_number", type=int, default=1)
     # optimization
