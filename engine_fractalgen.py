@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 import util.lr_sched as lr_sched
 import util.misc as misc
 from util.misc import autocast
+from util.fast_sampling import compile_sampling
 from util.sampling import sample_classes
 
 
@@ -141,6 +142,7 @@ def generate(model_without_ddp, args, device):
     kept, the batches with missing or broken ones are generated again (with their own seeds, so the
     same images come out). Returns the folder and seconds per generated image."""
     model_without_ddp.eval()
+    compile_sampling(model_without_ddp, args.compile_sampling)
     folder = generation_folder(args)
     prepare_generation_folder(folder, model_without_ddp, args)
     misc.barrier()

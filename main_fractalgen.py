@@ -62,6 +62,9 @@ def get_args_parser():
     p.add_argument("--gen_bsz", type=gen_bsz, default=256,
                    help="images per sampling call and process, or auto: the largest that fits in memory, "
                         "measured on the first batch (the images depend on it; the choice is printed)")
+    p.add_argument("--compile_sampling", default="none", choices=["none", "head", "inner"],
+                   help="torch.compile the per-pixel heads' sampling (head) or the whole last generator level "
+                        "(inner; longer to compile), as CUDA graphs on CUDA: the same draws, fewer kernel launches")
     p.add_argument("--nll_bsz", type=int, default=128)
     p.add_argument("--nll_forward_number", type=int, default=1)
     # optimization
