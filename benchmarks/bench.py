@@ -229,7 +229,7 @@ class Workload:
 def compile_for_sampling(model, args):
     """--sample_compile: this worker samples through util.fast_sampling's compiled levels."""
     from util.fast_sampling import compile_sampling
-    compile_sampling(model, args.compile_scope, mode=args.sample_compile_mode)
+    compile_sampling(model, args.compile_scope, mode=args.sample_compile_mode, backend=args.sample_compile_backend)
 
 
 def compiled_impls(args):
@@ -406,7 +406,7 @@ def run(args, worker_argv):
         for w in workers:  # first calls: lazy initialisation, allocator growth, compilation
             result.setdefault("warmup_s", {})[w.name] = {}
             for t in tasks:
-                calls = max(args.warmup_calls, w.name.startswith("compiled-"))  # compiling needs a call
+                calls = max(args.warmup_calls, int(w.name.startswith("compiled-")))  # compiling needs a call
                 seconds = w.ask("warmup", task=t, times=calls)["seconds"]
                 result["warmup_s"][w.name][t] = seconds
                 log(f"warm-up {w.name} {t}: {seconds:.3f} s for {calls} call(s)")
@@ -611,6 +611,8 @@ def parse_args(argv=None):
                         "per comma-separated scope (head, inner); `same samples` then compares them with eager")
     p.add_argument("--sample_compile_mode", default=None,
                    help="torch.compile mode for --sample_compile (default: reduce-overhead on CUDA, else default)")
+    p.add_argument("--sample_compile_backend", default="inductor",
+                   help="torch.compile backend for --sample_compile (aot_eager: capture only, to check the script)")
     p.add_argument("--level_flops", action="store_true",
                    help="sampling FLOPs from benchmarks/scaling.py (meta device, the released models' settings: "
                         "1000 classes, guiding pixel at 256×256) instead of counting a real call")

@@ -52,7 +52,7 @@ sampling() {
     local fast="--tasks sample --amp fp16 --repeats 1 --min_time 0 --warmup_calls 0 --level_flops"
     if [ "$quick" = 1 ]; then  # tiny models: checks the script, measures nothing
         bench sample_compiled_tiny 400 --model fractalmar_tiny_in16 --guiding_pixel --batch 4 \
-            --num_iter_list 2,2 --cfg 21 $fast --amp fp32 --sample_compile head
+            --num_iter_list 2,2 --cfg 21 $fast --amp fp32 --sample_compile head --sample_compile_backend aot_eager
         return
     fi
     FRACTALGEN_TEST_DEVICE=$device timeout 90 $py -m pytest -q -s -p no:cacheprovider tests/test_cuda.py \

@@ -88,3 +88,20 @@ def test_gen_bsz_flag_takes_positive_integers_or_auto():
     for bad in ("0", "-3", "many"):
         with pytest.raises(SystemExit):
             parse(["--gen_bsz", bad])
+
+
+@pytest.mark.slow
+def test_compile_sampling_flag_compiles_the_heads_and_keeps_the_images(trained, tmp_path, monkeypatch):
+    """--compile_sampling head reaches util/fast_sampling.py; its graphs run as captured here (the
+    inductor build is tested in test_fast_sampling.py's slow tests), so the images must be the same."""
+    import functools
+    from util.fast_sampling import compile_sampling
+    eager, _ = generate(trained, str(tmp_path / "eager"), "--gen_bsz", "3")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    monkeypatch.setattr(engine_fractalgen, "compile_sampling", functools.partial(compile_sampling, backend=backend))
+    compiled, _ = generate(trained, str(tmp_path / "compiled"), "--gen_bsz", "3", "--compile_sampling", "head")
+    assert graphs and compiled == eager
