@@ -7,12 +7,14 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 import util.checkpoint as checkpoint
 import util.lr_sched as lr_sched
 import util.misc as misc
 import util.stop as stop
 from util.misc import autocast
+from util.fast_sampling import compile_sampling
 from util.sampling import sample_classes
 
 
@@ -164,40 +166,132 @@ def generate(model_without_ddp, args, device):
     kept, the batches with missing or broken ones are generated again (with their own seeds, so the
     same images come out). Returns the folder and seconds per generated image."""
     model_without_ddp.eval()
+    compile_sampling(model_without_ddp, args.compile_sampling)
     folder = generation_folder(args)
     prepare_generation_folder(folder, model_without_ddp, args)
     misc.barrier()
     labels = generation_labels(args.num_images, args.class_num)
-    num_iter_list = [int(n) for n in args.num_iter_list.split(",")]
-    my_batches = list(range(0, args.num_images, args.gen_bsz))[misc.get_rank()::misc.get_world_size()]
-    todo, kept = [], 0
-    for first in my_batches:
-        missing = [i for i in range(first, min(first + args.gen_bsz, args.num_images))
-                   if not is_valid_png(os.path.join(folder, f"{i:05d}.png"), args.img_size)]
-        kept += min(args.gen_bsz, args.num_images - first) - len(missing)
-        if missing:
-            todo.append((first, set(missing)))
+    valid = {}  # image index -> whether a good PNG is there, checked once
+    auto = args.gen_bsz == "auto"
+    bsz = first_auto_gen_bsz(args, device) if auto else args.gen_bsz
+    todo, kept = pending_batches(folder, args, bsz, valid)
     kept = int(misc.all_reduce_sum(torch.tensor([kept], device=device)).item())
     if misc.is_main_process():
         print(f"Generation: kept {kept} of {args.num_images} images already in {folder}; "
               f"generating {args.num_images - kept}", flush=True)
+    bar = tqdm(total=args.num_images, initial=kept, unit="img", desc="Generation", smoothing=0,
+               disable=not misc.is_main_process())
+
+    def make(first, missing, bsz):
+        """The images of the batch starting at `first` (uint8, n×h×w×3)."""
+        idx = torch.arange(first, min(first + bsz, args.num_images))
+        try:
+            return sample_batch(model_without_ddp, labels[idx].to(device), args.num_iter, args, device,
+                                batch_seed(args.seed, first))
+        except torch.OutOfMemoryError:
+            if auto:
+                raise
+            raise misc.UserError(f"--gen_bsz {bsz} does not fit in the memory of {device}: pass a smaller "
+                                 f"--gen_bsz (e.g. {max(bsz // 2, 1)}), or --gen_bsz auto to use the largest "
+                                 "that fits") from None
+
+    def write(first, missing, images):
+        for index, img in enumerate(images, start=first):
+            if index in missing:
+                write_png(img, os.path.join(folder, f"{index:05d}.png"))
+        bar.update(min(len(missing) * misc.get_world_size(), bar.total - bar.n))  # rank 0's share, times ranks
+
     start, made = time.time(), 0
-    for n, (first, missing) in enumerate(todo):
+    if auto:
+        bsz, todo = choose_gen_bsz(bsz, todo, make, folder, args, valid, device)
+        if todo and todo[0][2] is not None:  # the first batch, made while measuring
+            first, missing, images = todo.pop(0)
+            write(first, missing, images)
+            made += len(missing)
+    for first, missing, _ in todo:
         if stop.requested():  # per rank: ranks may have different numbers of batches left
             raise stop.Stopped(stop.requested(), f"stopped by {stop.name(stop.requested())}: the images written "
                                                  f"so far are kept in {folder}; run the same command to continue")
-        idx = torch.arange(first, min(first + args.gen_bsz, args.num_images))
-        images = sample_batch(model_without_ddp, labels[idx].to(device), num_iter_list, args, device,
-                              batch_seed(args.seed, first))
-        for index, img in zip(idx.tolist(), images):
-            if index in missing:
-                write_png(img, os.path.join(folder, f"{index:05d}.png"))
+        write(first, missing, make(first, missing, bsz))
         made += len(missing)
-        if misc.is_main_process():
-            print(f"Generation: batch {n + 1}/{len(todo)} on this rank, "
-                  f"{(time.time() - start) / made:.3f} s/image", flush=True)
     misc.barrier()
-    return folder, (time.time() - start) / max(made, 1)
+    seconds = time.time() - start
+    report_generation_speed(bar, kept, made, seconds, device)
+    return folder, seconds / max(made, 1)
+
+
+def pending_batches(folder, args, bsz, valid):
+    """This rank's batches of `bsz` images (every world_size-th) that miss a valid PNG, as
+    (first index, set of missing indices, None), and how many of its images are there already."""
+    todo, kept = [], 0
+    for first in list(range(0, args.num_images, bsz))[misc.get_rank()::misc.get_world_size()]:
+        indices = range(first, min(first + bsz, args.num_images))
+        for i in indices:
+            if i not in valid:
+                valid[i] = is_valid_png(os.path.join(folder, f"{i:05d}.png"), args.img_size)
+        missing = {i for i in indices if not valid[i]}
+        kept += len(indices) - len(missing)
+        if missing:
+            todo.append((first, missing, None))
+    return todo, kept
+
+
+# --gen_bsz auto starts here, capped by the images per process, and halves on out-of-memory; on the
+# CPU (where running out of memory is not an exception) it stays at the release's default.
+AUTO_GEN_BSZ = {"cpu": 256}
+AUTO_GEN_BSZ_ACCELERATOR = 1024
+
+
+def first_auto_gen_bsz(args, device):
+    """The first batch size --gen_bsz auto tries: a power of two, no more than a process's images."""
+    start = AUTO_GEN_BSZ.get(device.type, AUTO_GEN_BSZ_ACCELERATOR)
+    per_process = -(-args.num_images // misc.get_world_size())
+    while start > 1 and start // 2 >= per_process:
+        start //= 2
+    return start
+
+
+def choose_gen_bsz(bsz, todo, make, folder, args, valid, device):
+    """--gen_bsz auto: every process makes its first pending batch at `bsz`; if any runs out of
+    memory, all halve and try again. Returns the batch size and the batches to do at it, the first
+    carrying its images. Batches of another size draw other images: the choice is printed."""
+    while True:
+        images, ok = None, True
+        if todo:
+            first, missing, _ = todo[0]
+            try:
+                images = make(first, missing, bsz)
+            except torch.OutOfMemoryError:
+                ok = False
+        if misc.all_ranks_ok(ok, device):
+            break
+        images = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if bsz == 1:
+            raise misc.UserError(f"one image at a time does not fit in the memory of {device}: free memory "
+                                 "(other processes on this device?) or use a larger device")
+        bsz //= 2
+        todo = pending_batches(folder, args, bsz, valid)[0]
+    if misc.is_main_process():
+        print(f"Generation: --gen_bsz auto chose {bsz} images per batch and process (these images; "
+              f"--gen_bsz {bsz} gives the same ones)", flush=True)
+    args.gen_bsz = bsz  # later evaluations (--online_eval) keep it
+    if todo:
+        todo[0] = (todo[0][0], todo[0][1], images)
+    return bsz, todo
+
+
+def report_generation_speed(bar, kept, made, seconds, device):
+    """Close the progress bar at the exact count and print images/s over all processes and per process."""
+    made_all = int(misc.all_reduce_sum(torch.tensor([made], device=device)).item())
+    bar.n = kept + made_all
+    bar.refresh()
+    bar.close()
+    if misc.is_main_process() and made_all:
+        world = misc.get_world_size()
+        print(f"Generation: {made_all} images in {seconds:.1f} s: {made_all / seconds:.3f} images/s, "
+              f"{made_all / seconds / world:.3f} images/s per process ({world} process(es))", flush=True)
 
 
 def sample_batch(model_without_ddp, labels, num_iter_list, args, device, seed):

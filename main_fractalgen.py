@@ -29,6 +29,19 @@ from util.checks import check_flags  # noqa: E402
 from util.data import eval_loader, image_folder, train_loader  # noqa: E402
 
 
+def gen_bsz(value):
+    """--gen_bsz: a positive integer, or 'auto'."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {value!r}")
+    return n
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(
         "FractalGen", add_help=True, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -64,7 +77,12 @@ def get_args_parser():
                    help="no training: generate --num_images from the --resume checkpoint and score them")
     p.add_argument("--evaluate_nll", action="store_true",
                    help="no training: the unconditional NLL (bits/dim) of the validation images")
-    p.add_argument("--gen_bsz", type=int, default=1024, help="images per sampling batch and process")
+    p.add_argument("--gen_bsz", type=gen_bsz, default=1024,
+                   help="images per sampling batch and process, or auto: the largest that fits in memory, "
+                        "measured on the first batch (the images depend on it; the choice is printed)")
+    p.add_argument("--compile_sampling", default="none", choices=["none", "head", "inner"],
+                   help="torch.compile the per-pixel heads' sampling (head) or the whole last generator level "
+                        "(inner; longer to compile), as CUDA graphs on CUDA: the same draws, fewer kernel launches")
     p.add_argument("--nll_bsz", type=int, default=128, help="images per NLL batch and process")
     p.add_argument("--nll_forward_number", type=int, default=1,
                    help="passes averaged per image for the NLL: MAR's random order makes one pass noisy; no "

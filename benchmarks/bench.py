@@ -4,6 +4,7 @@
     python benchmarks/bench.py ... --compare /tmp/fg_base      # another checkout, timed interleaved
     python benchmarks/bench.py ... --release_like /tmp/fg_base # that checkout with the release's pixel head
     python benchmarks/bench.py ... --profile                   # where sampling time goes, per level
+    python benchmarks/bench.py ... --tasks sample --sample_compile head,inner  # eager vs compiled sampling
 
 Every implementation runs in its own worker process (`--compare` checkouts have the same `models/`
 package name, so they cannot share one interpreter). The parent asks the workers for one timing at a
@@ -169,6 +170,8 @@ class Workload:
             from release_like import use_release_head  # benchmarks/ is this script's directory
             use_release_head(self.model)
         self.train_model = copy.deepcopy(self.model).train()  # training must not change the sampler
+        if args.compile_scope:
+            compile_for_sampling(self.model, args)
         self.optimizer = torch.optim.AdamW(self.train_model.parameters(), lr=1e-5, betas=(0.9, 0.95))
         g = torch.Generator().manual_seed(args.seed)
         n, size = max(args.train_batch, args.nll_batch), args.config["img_size_list"][0]
@@ -221,6 +224,23 @@ class Workload:
 
     def batch(self, name):
         return {"sample": self.args.batch, "nll": self.args.nll_batch}.get(name, self.args.train_batch)
+
+
+def compile_for_sampling(model, args):
+    """--sample_compile: this worker samples through util.fast_sampling's compiled levels."""
+    from util.fast_sampling import compile_sampling
+    compile_sampling(model, args.compile_scope, mode=args.sample_compile_mode, backend=args.sample_compile_backend)
+
+
+def compiled_impls(args):
+    """(name, checkout, worker arguments) of each --sample_compile scope: this checkout, compiled."""
+    scopes = [s for s in (args.sample_compile or "").split(",") if s]
+    return [(f"compiled-{scope}", REPO, ["--_compile_scope", scope]) for scope in scopes]
+
+
+def log(msg):
+    """A measurement as it is taken (stderr): what a run cut short by a time limit still leaves."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- per-level profile
@@ -372,6 +392,7 @@ def run(args, worker_argv):
         impls.append(("other", os.path.abspath(args.compare), []))
     if args.release_like:
         impls.append(("release-like", os.path.abspath(args.release_like), ["--_release_head"]))
+    impls += compiled_impls(args)
     load_before = os.getloadavg()
     workers = []
     try:
@@ -383,7 +404,12 @@ def run(args, worker_argv):
                   "params": workers[0].info["params"], "impls": {w.name: w.root for w in workers},
                   "allocator": {w.name: w.info["allocator"] for w in workers}}
         for w in workers:  # first calls: lazy initialisation, allocator growth, compilation
-            result.setdefault("warmup_s", {})[w.name] = {t: w.ask("warmup", task=t)["seconds"] for t in tasks}
+            result.setdefault("warmup_s", {})[w.name] = {}
+            for t in tasks:
+                calls = max(args.warmup_calls, int(w.name.startswith("compiled-")))  # compiling needs a call
+                seconds = w.ask("warmup", task=t, times=calls)["seconds"]
+                result["warmup_s"][w.name][t] = seconds
+                log(f"warm-up {w.name} {t}: {seconds:.3f} s for {calls} call(s)")
         # short tasks are timed over several calls per measurement, the same number for every implementation
         calls = {t: max(1, math.ceil(args.min_time / max(result["warmup_s"]["ours"][t], 1e-6))) for t in tasks}
         result["calls_per_measurement"] = calls
@@ -397,25 +423,43 @@ def run(args, worker_argv):
                 for w in order:
                     answer = w.ask("time", task=task, calls=calls[task])
                     times[w.name][task].append(answer["seconds"])
+                    log(f"repeat {rep + 1} {w.name} {task}: {answer['seconds']:.4f} s per call")
                     cpu_times[w.name][task].append(answer["cpu_seconds"])
         result["matmul_peak_flops_per_s"] = summarize(peaks)
         result["times"] = {name: {t: summarize(v) | {"all": v, "cpu_median": statistics.median(cpu_times[name][t])}
                                   for t, v in per.items()} for name, per in times.items()}
-        result["flops"] = {w.name: {t: w.ask("flops", task=t)["flops"] for t in tasks} for w in workers}
+        result["flops"] = count_all_flops(workers, tasks, args)
         if args.memory and any(t.startswith("train") for t in tasks):
             result["memory"] = {w.name: {t: w.ask("memory", ckpt=t == "train_ckpt")
                                          for t in tasks if t.startswith("train")} for w in workers}
-        if len(workers) > 1 and "sample" in tasks:
+        if len(workers) > 1 and "sample" in tasks and args.same_samples:
             result["same_samples"] = same_samples(workers)
         if len(workers) > 1 and "nll" in tasks:
             result["same_nll"] = same_nll(workers)
         if args.profile:
-            result["profile"] = {w.name: w.ask("profile") for w in workers}
+            result["profile"] = {w.name: w.ask("profile") for w in workers if not w.name.startswith("compiled-")}
         result["load_after"] = os.getloadavg()
     finally:
         for w in workers:
             w.close()
     return result
+
+
+def count_all_flops(workers, tasks, args):
+    """FLOPs per task and implementation; a compiled one does ours' work (counting would trace its
+    graphs again), so it gets ours' count. --level_flops counts sampling on the meta device instead
+    (benchmarks/scaling.py: seconds, where counting a real call of a 256×256 model takes minutes)."""
+    def count(w, task):
+        if task == "sample" and args.level_flops:
+            from benchmarks.scaling import level_flops
+            per_image = sum(f for _, f in level_flops(args.model, args.cfg, args.num_iter_list)[1])
+            return per_image * args.batch
+        return w.ask("flops", task=task)["flops"]
+    flops = {w.name: {t: count(w, t) for t in tasks} for w in workers if not w.name.startswith("compiled-")}
+    for w in workers:
+        flops.setdefault(w.name, flops["ours"])
+    log(f"FLOPs: {flops}")
+    return flops
 
 
 def same_samples(workers):
@@ -443,7 +487,8 @@ def config_summary(args):
             "batch": args.batch, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
             "num_iter_list": args.num_iter_list, "temperature": args.temperature,
             "train_batch": args.train_batch, "nll_batch": args.nll_batch, "repeats": args.repeats,
-            "allocator": args.allocator,
+            "allocator": args.allocator, "sample_compile": args.sample_compile,
+            "sample_compile_mode": args.sample_compile_mode,
             "model_kwargs": args.model_kwargs}
 
 
@@ -561,6 +606,22 @@ def parse_args(argv=None):
                    help="own: each implementation sets up malloc as its CLI does on the CPU (ours keeps freed memory, "
                         "util.misc.keep_freed_memory); default: glibc's defaults for all, to compare the code alone")
     p.add_argument("--profile", action="store_true", help="per-level sampling time and the top ops")
+    p.add_argument("--sample_compile", default=None, metavar="SCOPES",
+                   help="also time this checkout sampling through util.fast_sampling's compiled levels, one worker "
+                        "per comma-separated scope (head, inner); `same samples` then compares them with eager")
+    p.add_argument("--sample_compile_mode", default=None,
+                   help="torch.compile mode for --sample_compile (default: reduce-overhead on CUDA, else default)")
+    p.add_argument("--sample_compile_backend", default="inductor",
+                   help="torch.compile backend for --sample_compile (aot_eager: capture only, to check the script)")
+    p.add_argument("--level_flops", action="store_true",
+                   help="sampling FLOPs from benchmarks/scaling.py (meta device, the released models' settings: "
+                        "1000 classes, guiding pixel at 256×256) instead of counting a real call")
+    p.add_argument("--no_same_samples", dest="same_samples", action="store_false",
+                   help="skip the check that all implementations draw the same samples (one more call each)")
+    p.add_argument("--warmup_calls", type=int, default=1,
+                   help="untimed calls per task first; 0 (with --min_time 0) times the first call of a long "
+                        "task, lazy initialisation included; compiled workers always make one (compiling, "
+                        "recording CUDA graphs)")
     p.add_argument("--no_memory", dest="memory", action="store_false",
                    help="skip the peak training memory (one slow tracked step per setting on CPU)")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
@@ -568,6 +629,7 @@ def parse_args(argv=None):
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_weights", dest="weights", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_release_head", dest="release_head", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_compile_scope", dest="compile_scope", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 

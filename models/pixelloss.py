@@ -22,11 +22,15 @@ def draw_categorical(probs):
     (a fifth of the pixel head's sampling time); here the uniforms come from torch.rand and log1p is
     vectorized, twice as fast per draw. Other devices and dtypes use torch.multinomial itself, and so
     does a torch.multinomial replaced at run time (the reference fixture checks make draws greedy so).
+    Under torch.compile (util/fast_sampling.py) the same draws come without the value check, a host sync.
     """
+    compiling = torch.compiler.is_compiling()
+    if probs.device.type != "cpu" and compiling:  # torch.multinomial's own steps, in one graph
+        return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1, keepdim=True)
     if (probs.device.type != "cpu" or probs.dtype not in (torch.float32, torch.float64)
             or torch.multinomial is not _TORCH_MULTINOMIAL):
         return torch.multinomial(probs, num_samples=1)
-    lowest, highest = torch.aminmax(probs) if probs.numel() else (0, 0)
+    lowest, highest = torch.aminmax(probs) if probs.numel() and not compiling else (0, 0)
     if not (float(lowest) >= 0 and float(highest) < float("inf")):  # NaN fails both
         raise ValueError("the pixel head's probabilities contain NaN, inf or negative values: the model "
                          "weights or its conditions are not finite (check the checkpoint and --temperature)")

@@ -103,6 +103,9 @@ def test_gpu_check_script_runs_on_tiny_models(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "passed" in (tmp_path / "cuda_tests.txt").read_text()
-    for label in ("sample_tiny", "train_tiny"):
+    for label in ("sample_tiny", "train_tiny", "sample_compiled_tiny"):
         assert f"{label}: exit 0" in proc.stdout
         assert json.loads((tmp_path / f"{label}.json").read_text())["times"]["ours"]
+    compiled = json.loads((tmp_path / "sample_compiled_tiny.json").read_text())
+    assert set(compiled["times"]) == {"ours", "compiled-head"} and compiled["same_samples"]["identical"]
+    assert compiled["flops"]["compiled-head"] == compiled["flops"]["ours"] > 0

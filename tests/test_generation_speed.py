@@ -1,0 +1,107 @@
+"""--evaluate_gen at scale: the progress bar and speed line, --gen_bsz auto and out-of-memory messages."""
+import argparse
+import os
+
+import pytest
+import torch
+
+import engine_fractalgen
+import main_fractalgen
+import util.misc as misc
+from helpers import MODEL_ARGS
+from models.fractalgen import build_model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A folder holding a checkpoint of fractalmar_tiny_in16 with random weights."""
+    folder = str(tmp_path_factory.mktemp("trained"))
+    torch.manual_seed(0)
+    model = build_model("fractalmar_tiny_in16", class_num=3, num_conds=5, guiding_pixel=True)
+    misc.atomic_save({"model": model.state_dict(), "args": argparse.Namespace(model="fractalmar_tiny_in16")},
+                     os.path.join(folder, "checkpoint-last.pth"))
+    return folder
+
+
+def gen_args(trained, out, *extra):
+    argv = MODEL_ARGS + ["--resume", trained, "--output_dir", out, "--evaluate_gen", "--num_images", "6",
+                         "--num_iter_list", "2,2", "--cfg", "2.0", "--fid_stats", "none"]
+    return main_fractalgen.get_args_parser().parse_args(argv + list(extra))
+
+
+def generate(trained, out, *extra):
+    """Run --evaluate_gen; returns the PNG files' bytes by name and the args after the run."""
+    args = gen_args(trained, out, *extra)
+    main_fractalgen.main(args)
+    folder = engine_fractalgen.generation_folder(args)
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder)) if f.endswith(".png")}, args
+
+
+def out_of_memory_above(monkeypatch, max_images):
+    """Sampling more than `max_images` at once raises torch.OutOfMemoryError, as a full GPU would."""
+    real, sizes = engine_fractalgen.sample_classes, []
+
+    def sample_classes(model, labels, *args, **kwargs):
+        sizes.append(len(labels))
+        if len(labels) > max_images:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, labels, *args, **kwargs)
+    monkeypatch.setattr(engine_fractalgen, "sample_classes", sample_classes)
+    return sizes
+
+
+def test_progress_bar_counts_the_whole_run_and_the_end_line_gives_images_per_second(trained, tmp_path, capsys):
+    generate(trained, str(tmp_path / "out"), "--gen_bsz", "4")
+    captured = capsys.readouterr()
+    bar = captured.err.replace("\r", "\n").splitlines()
+    final = [line for line in bar if line.startswith("Generation:")][-1]
+    assert "6/6" in final and "img/s" in final and "100%" in final, captured.err
+    assert "images/s per process (1 process(es))" in captured.out
+    # a rerun keeps every image: the bar starts full and nothing is generated
+    generate(trained, str(tmp_path / "out"), "--gen_bsz", "4")
+    captured = capsys.readouterr()
+    assert "kept 6 of 6" in captured.out and "images/s" not in captured.out
+
+
+def test_gen_bsz_auto_halves_on_out_of_memory_and_gives_the_images_of_that_fixed_size(trained, tmp_path,
+                                                                                         monkeypatch, capsys):
+    fixed, _ = generate(trained, str(tmp_path / "fixed"), "--gen_bsz", "2")
+    with monkeypatch.context() as m:
+        sizes = out_of_memory_above(m, 2)
+        auto, args = generate(trained, str(tmp_path / "auto"), "--gen_bsz", "auto")
+    assert sizes[:3] == [6, 4, 2] and args.gen_bsz == 2  # 8 capped to the 6 images, halved to 4, then 2
+    assert auto == fixed and len(auto) == 6
+    assert "--gen_bsz auto chose 2" in capsys.readouterr().out
+
+
+def test_gen_bsz_that_does_not_fit_says_what_to_do(trained, tmp_path, monkeypatch):
+    out_of_memory_above(monkeypatch, 2)
+    with pytest.raises(misc.UserError, match=r"--gen_bsz 4 does not fit in the memory of cpu: pass a smaller "
+                                             r"--gen_bsz \(e.g. 2\), or --gen_bsz auto"):
+        generate(trained, str(tmp_path / "out"), "--gen_bsz", "4")
+
+
+def test_gen_bsz_flag_takes_positive_integers_or_auto():
+    parse = main_fractalgen.get_args_parser().parse_args
+    assert parse([]).gen_bsz == 256 and parse(["--gen_bsz", "64"]).gen_bsz == 64
+    assert parse(["--gen_bsz", "auto"]).gen_bsz == "auto"
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(SystemExit):
+            parse(["--gen_bsz", bad])
+
+
+@pytest.mark.slow
+def test_compile_sampling_flag_compiles_the_heads_and_keeps_the_images(trained, tmp_path, monkeypatch):
+    """--compile_sampling head reaches util/fast_sampling.py; its graphs run as captured here (the
+    inductor build is tested in test_fast_sampling.py's slow tests), so the images must be the same."""
+    import functools
+    from util.fast_sampling import compile_sampling
+    eager, _ = generate(trained, str(tmp_path / "eager"), "--gen_bsz", "3")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    monkeypatch.setattr(engine_fractalgen, "compile_sampling", functools.partial(compile_sampling, backend=backend))
+    compiled, _ = generate(trained, str(tmp_path / "compiled"), "--gen_bsz", "3", "--compile_sampling", "head")
+    assert graphs and compiled == eager
