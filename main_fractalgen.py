@@ -30,16 +30,13 @@ from util.data import eval_loader, image_folder, train_loader  # noqa: E402
 
 
 def gen_bsz(value):
-    """--gen_bsz: a positive integer, or 'auto'."""
+    """--gen_bsz: an integer (checked with the other counts in util/checks.py), or 'auto'."""
     if value == "auto":
         return value
     try:
-        n = int(value)
+        return int(value)
     except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {value!r}")
-    return n
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {value!r}") from None
 
 
 def get_args_parser():

@@ -7,7 +7,9 @@ import torch
 
 import engine_fractalgen
 import main_fractalgen
-import util.misc as misc
+import util.checkpoint as checkpoint
+from util.checks import check_flags
+from util.misc import UserError
 from helpers import MODEL_ARGS
 from models.fractalgen import build_model
 
@@ -18,8 +20,8 @@ def trained(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("trained"))
     torch.manual_seed(0)
     model = build_model("fractalmar_tiny_in16", class_num=3, num_conds=5, guiding_pixel=True)
-    misc.atomic_save({"model": model.state_dict(), "args": argparse.Namespace(model="fractalmar_tiny_in16")},
-                     os.path.join(folder, "checkpoint-last.pth"))
+    checkpoint.atomic_save({"model": model.state_dict(), "args": argparse.Namespace(model="fractalmar_tiny_in16")},
+                           checkpoint.path_in(folder))
     return folder
 
 
@@ -76,18 +78,20 @@ def test_gen_bsz_auto_halves_on_out_of_memory_and_gives_the_images_of_that_fixed
 
 def test_gen_bsz_that_does_not_fit_says_what_to_do(trained, tmp_path, monkeypatch):
     out_of_memory_above(monkeypatch, 2)
-    with pytest.raises(misc.UserError, match=r"--gen_bsz 4 does not fit in the memory of cpu: pass a smaller "
+    with pytest.raises(UserError, match=r"--gen_bsz 4 does not fit in the memory of cpu: pass a smaller "
                                              r"--gen_bsz \(e.g. 2\), or --gen_bsz auto"):
         generate(trained, str(tmp_path / "out"), "--gen_bsz", "4")
 
 
 def test_gen_bsz_flag_takes_positive_integers_or_auto():
     parse = main_fractalgen.get_args_parser().parse_args
-    assert parse([]).gen_bsz == 256 and parse(["--gen_bsz", "64"]).gen_bsz == 64
+    assert parse([]).gen_bsz == 1024 and parse(["--gen_bsz", "64"]).gen_bsz == 64
     assert parse(["--gen_bsz", "auto"]).gen_bsz == "auto"
-    for bad in ("0", "-3", "many"):
-        with pytest.raises(SystemExit):
-            parse(["--gen_bsz", bad])
+    with pytest.raises(SystemExit):
+        parse(["--gen_bsz", "many"])
+    for bad in ("0", "-3"):
+        with pytest.raises(UserError, match="--gen_bsz must be at least 1"):
+            check_flags(parse(["--gen_bsz", bad, "--evaluate_gen"]))
 
 
 @pytest.mark.slow
