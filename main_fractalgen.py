@@ -12,9 +12,9 @@ import signal
 import sys
 import time
 
-# oneDNN keeps a compiled kernel for every tensor shape it meets (1024 by default). Random MAR masks
-# give new shapes at every step, so on the CPU that cache alone grew the demo run to 3 GB; 64 keeps it
-# near 1.3 GB at the same speed. Set before torch loads oneDNN; an explicit setting wins.
+# oneDNN keeps a compiled kernel for every tensor shape it meets (1024 by default), and random MAR masks
+# make new shapes at every step: a small cache bounds CPU memory at the same speed (benchmarks/README.md).
+# Set before torch loads oneDNN; an explicit setting wins.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 import numpy as np  # noqa: E402

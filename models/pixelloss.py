@@ -17,12 +17,10 @@ def draw_categorical(probs):
     """One index per row of `probs` (n, k): the index torch.multinomial(probs, 1) draws, from the same
     generator state, leaving the generator where it leaves it.
 
-    torch.multinomial takes argmax(p / E) with E ~ Exp(1) per entry, each E = -log1p(-U) computed in
-    float64 from a float64 uniform U and rounded to p's dtype. Its CPU exponential_ is a serial loop
-    (a fifth of the pixel head's sampling time); here the uniforms come from torch.rand and log1p is
-    vectorized, twice as fast per draw. Other devices and dtypes use torch.multinomial itself, and so
-    does a torch.multinomial replaced at run time (the reference fixture checks make draws greedy so).
-    Under torch.compile (util/fast_sampling.py) the same draws come without the value check, a host sync.
+    torch.multinomial takes argmax(p / E), E = -log1p(-U) from float64 uniforms U; its CPU loop is
+    serial, so on the CPU the same E come from a vectorized log1p. Other devices and dtypes, and a
+    torch.multinomial replaced at run time (the reference fixture checker makes draws greedy so), use
+    torch.multinomial itself. Under torch.compile the value check, a host sync, is left out.
     """
     compiling = torch.compiler.is_compiling()
     if probs.device.type != "cpu" and compiling:  # torch.multinomial's own steps, in one graph

@@ -16,13 +16,10 @@ import torch.distributed as dist
 def keep_freed_memory(mmap_threshold=256 << 20, trim_threshold=256 << 20):
     """Have glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
 
-    Eager PyTorch on the CPU allocates and frees tensors of megabytes at every op. By default glibc
-    returns such blocks to the OS (fresh mmaps for large ones, trimming the heap's free top), and the
-    next allocation page-faults every page back in: 65-95 thousand page faults per sampling call of
-    fractalmar_small_in32 on our CPU VMs, about a tenth of its time (benchmarks/README.md). Here
-    blocks up to `mmap_threshold` come from the heap and up to `trim_threshold` of free heap top is
-    kept; peak memory grows little (the demo's: 1.50 to 1.60 GB). Does nothing outside glibc.
-    Returns whether it applied.
+    Eager PyTorch on the CPU allocates and frees tensors of megabytes at every op; with glibc's defaults
+    each such block goes back to the OS and page-faults back in at the next allocation (measured in
+    benchmarks/README.md). Here blocks up to `mmap_threshold` come from the heap and up to
+    `trim_threshold` of free heap top is kept. Does nothing outside glibc; returns whether it applied.
     """
     try:
         libc = os.confstr("CS_GNU_LIBC_VERSION") or ""  # "glibc 2.36"; absent on macOS, Windows, musl
