@@ -121,8 +121,23 @@ def attend(q, k, v, causal=False, dropout_p=0.0, cache=None):
         if explicit_is_faster(q, k, causal, dropout_p):
             out = explicit_attention(q, k, v, causal, dropout_p)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+            out = sdpa_in_chunks(q, k, v, causal, dropout_p)
     return out.to(out_dtype).transpose(1, 2).reshape(b, t, -1)
+
+
+# SDPA's memory-efficient CUDA kernel refuses dropout when batch × heads exceeds this ("cannot produce
+# valid seed and offset outputs"); deep MAR levels see images × kept patches as their batch.
+SDPA_MAX_BATCH_HEADS = 65535
+
+
+def sdpa_in_chunks(q, k, v, causal=False, dropout_p=0.0):
+    """F.scaled_dot_product_attention on (b, heads, t, d) inputs, split along the batch so that no call
+    sees more than SDPA_MAX_BATCH_HEADS batch × heads; each chunk draws its own dropout mask."""
+    chunk = max(1, SDPA_MAX_BATCH_HEADS // q.size(1))
+    if q.size(0) <= chunk:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+    return torch.cat([F.scaled_dot_product_attention(*qkv, dropout_p=dropout_p, is_causal=causal)
+                      for qkv in zip(q.split(chunk), k.split(chunk), v.split(chunk))])
 
 
 def explicit_attention(q, k, v, causal=False, dropout_p=0.0):
