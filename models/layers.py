@@ -125,19 +125,19 @@ def attend(q, k, v, causal=False, dropout_p=0.0, cache=None):
     return out.to(out_dtype).transpose(1, 2).reshape(b, t, -1)
 
 
-# SDPA's memory-efficient CUDA kernel refuses dropout when batch × heads exceeds this ("cannot produce
-# valid seed and offset outputs"); deep MAR levels see images × kept patches as their batch.
-SDPA_MAX_BATCH_HEADS = 65535
+# SDPA's memory-efficient CUDA kernel refuses dropout for a batch above this (its dropout seeds and
+# offsets are per batch entry, which is a grid dimension: "cannot produce valid seed and offset
+# outputs"); deep MAR levels see images × kept patches as their batch.
+SDPA_MAX_BATCH = 65535
 
 
 def sdpa_in_chunks(q, k, v, causal=False, dropout_p=0.0):
     """F.scaled_dot_product_attention on (b, heads, t, d) inputs, split along the batch so that no call
-    sees more than SDPA_MAX_BATCH_HEADS batch × heads; each chunk draws its own dropout mask."""
-    chunk = max(1, SDPA_MAX_BATCH_HEADS // q.size(1))
-    if q.size(0) <= chunk:
+    sees more than SDPA_MAX_BATCH samples; each chunk draws its own dropout mask."""
+    if q.size(0) <= SDPA_MAX_BATCH:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
     return torch.cat([F.scaled_dot_product_attention(*qkv, dropout_p=dropout_p, is_causal=causal)
-                      for qkv in zip(q.split(chunk), k.split(chunk), v.split(chunk))])
+                      for qkv in zip(*(z.split(SDPA_MAX_BATCH) for z in (q, k, v)))])
 
 
 def explicit_attention(q, k, v, causal=False, dropout_p=0.0):

@@ -250,8 +250,8 @@ def test_attend_gives_the_same_on_either_cpu_path(max_keys, monkeypatch):
 
 
 def test_attention_in_batch_chunks_is_the_ordinary_attention(monkeypatch):
-    """Above SDPA_MAX_BATCH_HEADS (lowered here) attend() calls SDPA on batch chunks: same outputs."""
-    monkeypatch.setattr(layers, "SDPA_MAX_BATCH_HEADS", 6)  # 3 heads: chunks of 2 of the 9 samples
+    """Above SDPA_MAX_BATCH (lowered here) attend() calls SDPA on batch chunks: same outputs."""
+    monkeypatch.setattr(layers, "SDPA_MAX_BATCH", 2)  # chunks of 2 of the 9 samples
     torch.manual_seed(0)
     q, k, v = (torch.randn(9, 3, 5, 8) for _ in range(3))
     sdpa, batches = torch.nn.functional.scaled_dot_product_attention, []
@@ -268,7 +268,7 @@ def test_attention_in_batch_chunks_is_the_ordinary_attention(monkeypatch):
 def test_attention_in_batch_chunks_keeps_one_minus_p_of_the_weights(monkeypatch):
     """With zero queries every weight is 1/s, and with the identity as values the output is the
     dropped weight matrix itself: each entry is 0 or 1/(s(1 - p)), nonzero with probability 1 - p."""
-    monkeypatch.setattr(layers, "SDPA_MAX_BATCH_HEADS", 8)  # 2 heads: 10 chunks of 4 of the 40 samples
+    monkeypatch.setattr(layers, "SDPA_MAX_BATCH", 4)  # 10 chunks of 4 of the 40 samples
     torch.manual_seed(0)
     b, heads, s, p = 40, 2, 64, 0.1
     q, k = torch.zeros(b, heads, s, 16), torch.randn(b, heads, s, 16)
