@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 import util.misc as misc  # noqa: E402
 from engine_fractalgen import evaluate_gen, evaluate_nll, generation_labels, train_one_epoch  # noqa: E402
-from models.fractalgen import build_model  # noqa: E402
+from models.fractalgen import build_model, compile_blocks  # noqa: E402
 from util.data import eval_loader, image_folder, train_loader  # noqa: E402
 
 
@@ -52,6 +52,9 @@ def get_args_parser():
     # optimization
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--grad_checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block for training (sampling and the NLL stay eager); "
+                        "compiling takes a minute or more at the start")
     p.add_argument("--lr", type=float, default=None, help="absolute lr; default blr × effective batch / 256")
     p.add_argument("--blr", type=float, default=5e-5)
     p.add_argument("--min_lr", type=float, default=0.0)
@@ -221,6 +224,8 @@ def main(args):
     # every check has passed: from here on, output_dir is written
     os.makedirs(args.output_dir, exist_ok=True)
     model.to(device)
+    if args.compile and training:
+        compile_blocks(model)
     model_without_ddp = model
     print_rank0(f"Model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
                 f"device {device}, {world} process(es), precision {args.precision}")
