@@ -172,8 +172,9 @@ class Workload:
             use_release_head(self.model)
         self.train_model = copy.deepcopy(self.model).train()  # training must not change the sampler
         self.fixed_mask_levels = fix_mask_ratios_of(self, args)
-        self.compiled = args.compile_worker and compile_for_training(self.train_model)
+        self.compiled = args.compile_worker and compile_for_training(self.train_model, args.compile_backend)
         self.optimizer = torch.optim.AdamW(self.train_model.parameters(), lr=1e-5, betas=(0.9, 0.95))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)  # as the release trains
         g = torch.Generator().manual_seed(args.seed)
         n, size = max(args.train_batch, args.nll_batch), args.config["img_size_list"][0]
         mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
@@ -209,8 +210,9 @@ class Workload:
         n = self.args.train_batch
         with self.autocast():
             loss = self.train_model(self.images[:n], self.labels[:n])
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
     def train_losses(self, count):
@@ -332,12 +334,14 @@ def serve(root, args):
                 workload.task(cmd["task"])()
             result = {"seconds": time.perf_counter() - start}
         elif op == "flops":
-            result = {"flops": count_flops(workload.task(cmd["task"]))}
+            with eager_if(workload.compiled):
+                result = {"flops": count_flops(workload.task(cmd["task"]))}
         elif op == "peak":
             dtype = workload.amp or torch.float32
             result = {"flops_per_s": matmul_peak(workload.device, dtype)}
         elif op == "memory":
-            result = dict(zip(("bytes", "method"), peak_train_memory(workload, cmd["ckpt"])))
+            with eager_if(workload.compiled and workload.device.type == "cpu"):
+                result = dict(zip(("bytes", "method"), peak_train_memory(workload, cmd["ckpt"])))
         elif op == "save_sample":
             torch.save(workload.sample().cpu(), cmd["path"])
         elif op == "train_losses":
@@ -387,7 +391,9 @@ def summarize(values):
 
 def run(args, worker_argv):
     tasks = [t for t in args.tasks.split(",") if t]
-    impls = [("ours", REPO, ["--_compile"] if args.compile else [], None)]
+    impls = [("ours", REPO, [], None)]
+    if args.compile:
+        impls.append(("ours-compiled", REPO, ["--_compile"], None))
     if args.compare:
         impls.append(compare_impl(args))
     if args.release_like:
@@ -492,14 +498,20 @@ def fix_mask_ratios_of(workload, args):
     return fix_mask_ratios(workload.train_model, args.mask_ratio, args.nll_mask_ratio)
 
 
-def compile_for_training(model):
+def compile_for_training(model, backend):
     """--compile: the checkout's compile_blocks (ours: models.fractalgen); False where it has none."""
     try:
         from models.fractalgen import compile_blocks
     except ImportError:
         return False
-    compile_blocks(model)
+    compile_blocks(model, backend)
     return True
+
+
+def eager_if(compiled):
+    """Compiled code run eagerly: dispatch modes (the FLOP counter, the CPU memory tracker) would make
+    dynamo compile again; the FLOPs are the same."""
+    return torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
 
 
 def compare_train_losses(workers, count):
@@ -653,7 +665,9 @@ def parse_args(argv=None):
     p.add_argument("--loss_seeds", type=int, default=8,
                    help="with --compare: compare mean training losses over this many seeds (0: skip)")
     p.add_argument("--compile", action="store_true",
-                   help="time ours with torch.compile'd transformer blocks in training (main_fractalgen.py --compile)")
+                   help="also time ours with torch.compile'd transformer blocks in training (main_fractalgen.py "
+                        "--compile), as implementation ours-compiled")
+    p.add_argument("--compile_backend", default="inductor", help="torch.compile backend for --compile")
     p.add_argument("--allocator", default="own", choices=["own", "default"],
                    help="own: each implementation sets up malloc as its CLI does on the CPU (ours keeps freed memory, "
                         "util.misc.keep_freed_memory); default: glibc's defaults for all, to compare the code alone")
