@@ -309,6 +309,23 @@ def profile_levels(workload):
     return {"total": total, "levels": rows, "ops": table}
 
 
+def profile_training(workload, ckpt=False):
+    """The top ops of one training step under torch.profiler, after a warm-up step; on CUDA sorted by
+    device time, with the number of host syncs (cudaStreamSynchronize and friends) counted."""
+    workload.train_step(ckpt)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if workload.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        workload.train_step(ckpt)
+        synchronize(workload.device)
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if workload.device.type == "cuda" else "self_cpu_time_total"
+    counts = {name: sum(e.count for e in events if e.key == name)
+              for name in ("aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize", "cudaDeviceSynchronize")}
+    return {"ops": events.table(sort_by=sort, row_limit=25, max_name_column_width=60), "host_syncs": counts}
+
+
 # ----------------------------------------------------------------------------- worker process
 def serve(root, args):
     """Answer one JSON command per stdin line with one JSON line: the parent runs the show."""
@@ -350,6 +367,8 @@ def serve(root, args):
             result = {"nll": float(workload.nll())}
         elif op == "profile":
             result = profile_levels(workload)
+        elif op == "profile_train":
+            result = profile_training(workload)
         print(json.dumps(result), file=out, flush=True)
 
 
@@ -441,6 +460,8 @@ def run(args, worker_argv):
             result["train_loss"] = compare_train_losses(workers, args.loss_seeds)
         if args.profile:
             result["profile"] = {w.name: w.ask("profile") for w in workers}
+        if args.profile_train:
+            result["profile_train"] = {w.name: w.ask("profile_train") for w in workers}
         result["load_after"] = os.getloadavg()
     finally:
         for w in workers:
@@ -568,6 +589,9 @@ def report(result, markdown=False):
         s = result["same_nll"]
         lines.append(f"same NLL for the same batch and seed: {s['agree']} (" + ", ".join(
             f"{name} {v:.6f}" for name, v in s["values"].items()) + f"; max abs diff {s['max_abs_diff']:.2g})")
+    for impl, prof in result.get("profile_train", {}).items():
+        lines += ["", f"training step profile ({impl}); calls that wait for the device on a GPU: "
+                  + ", ".join(f"{k} {v}" for k, v in prof["host_syncs"].items()), prof["ops"]]
     for impl, prof in result.get("profile", {}).items():
         lines += ["", f"sampling profile ({impl}): {prof['total']:.3f} s per call; self time per level"]
         for row in prof["levels"]:
@@ -672,6 +696,7 @@ def parse_args(argv=None):
                    help="own: each implementation sets up malloc as its CLI does on the CPU (ours keeps freed memory, "
                         "util.misc.keep_freed_memory); default: glibc's defaults for all, to compare the code alone")
     p.add_argument("--profile", action="store_true", help="per-level sampling time and the top ops")
+    p.add_argument("--profile_train", action="store_true", help="the top ops of one training step (torch.profiler)")
     p.add_argument("--no_memory", dest="memory", action="store_false",
                    help="skip the peak training memory (one slow tracked step per setting on CPU)")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
