@@ -103,6 +103,10 @@ def test_gpu_check_script_runs_on_tiny_models(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "passed" in (tmp_path / "cuda_tests.txt").read_text()
-    for label in ("sample_tiny", "train_tiny"):
+    for label in ("sample_tiny", "train_tiny", "train_vs_release_tiny", "train_compiled_tiny"):
         assert f"{label}: exit 0" in proc.stdout
         assert json.loads((tmp_path / f"{label}.json").read_text())["times"]["ours"]
+    release = json.loads((tmp_path / "train_vs_release_tiny.json").read_text())
+    assert set(release["times"]) == {"ours", "release"} and release["fixed_mask_levels"] == {"ours": 2, "release": 2}
+    assert json.loads((tmp_path / "train_compiled_tiny.json").read_text())["compiled"]["ours-compiled"]
+    assert (tmp_path / "train_table.md").read_text().count("| fractalmar_tiny_in16") == 2
