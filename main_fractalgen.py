@@ -24,7 +24,7 @@ import util.checkpoint as checkpoint  # noqa: E402
 import util.misc as misc  # noqa: E402
 import util.stop as stop  # noqa: E402
 from engine_fractalgen import evaluate_gen, evaluate_nll, generation_labels, train_one_epoch  # noqa: E402
-from models.fractalgen import MODELS, RELEASED, build_model  # noqa: E402
+from models.fractalgen import MODELS, RELEASED, build_model, compile_blocks  # noqa: E402
 from util.checks import check_flags  # noqa: E402
 from util.data import eval_loader, image_folder, train_loader  # noqa: E402
 
@@ -88,6 +88,9 @@ def get_args_parser():
     p.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on norms and biases)")
     p.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, more time")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block for training (sampling and the NLL stay eager); "
+                        "compiling takes a minute or more at the start")
     p.add_argument("--lr", type=float, default=None,
                    help="absolute learning rate; default blr × effective batch / 256")
     p.add_argument("--blr", type=float, default=5e-5, help="base learning rate, scaled by effective batch / 256")
@@ -249,6 +252,8 @@ def main(args):
     if misc.is_main_process():
         misc.remove_stale_temporaries(args.output_dir, [checkpoint.NAME, "results.json"])
     model.to(device)
+    if args.compile and training:
+        compile_blocks(model)
     model_without_ddp = model
     print_rank0(f"Model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
                 f"device {device}, {world} process(es), precision {args.precision}")

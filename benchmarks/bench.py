@@ -2,6 +2,8 @@
 
     python benchmarks/bench.py --model fractalmar_small_in32 --device cpu --threads 2 --repeats 5
     python benchmarks/bench.py ... --compare /tmp/fg_base      # another checkout, timed interleaved
+    python benchmarks/bench.py ... --compare ../shared/upstream/fractalgen  # the release itself (release.py)
+    python benchmarks/bench.py ... --compile                   # ours with compiled transformer blocks
     python benchmarks/bench.py ... --release_like /tmp/fg_base # that checkout with the release's pixel head
     python benchmarks/bench.py ... --profile                   # where sampling time goes, per level
     python benchmarks/bench.py ... --tasks sample --sample_compile head,inner  # eager vs compiled sampling
@@ -170,9 +172,12 @@ class Workload:
             from release_like import use_release_head  # benchmarks/ is this script's directory
             use_release_head(self.model)
         self.train_model = copy.deepcopy(self.model).train()  # training must not change the sampler
+        self.fixed_mask_levels = fix_mask_ratios_of(self, args)
+        self.compiled = args.compile_worker and compile_for_training(self.train_model, args.compile_backend)
         if args.compile_scope:
             compile_for_sampling(self.model, args)
         self.optimizer = torch.optim.AdamW(self.train_model.parameters(), lr=1e-5, betas=(0.9, 0.95))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)  # as the release trains
         g = torch.Generator().manual_seed(args.seed)
         n, size = max(args.train_batch, args.nll_batch), args.config["img_size_list"][0]
         mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
@@ -208,9 +213,21 @@ class Workload:
         n = self.args.train_batch
         with self.autocast():
             loss = self.train_model(self.images[:n], self.labels[:n])
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def train_losses(self, count):
+        """Training-mode losses (no step) for seeds seed .. seed + count - 1: to compare implementations
+        whose dropout and mask draws differ, by the mean and its standard error."""
+        losses = []
+        for seed in range(self.args.seed, self.args.seed + count):
+            torch.manual_seed(seed)
+            n = self.args.train_batch
+            with torch.no_grad(), self.autocast():
+                losses.append(float(self.train_model(self.images[:n], self.labels[:n])))
+        return losses
 
     def nll(self):
         torch.manual_seed(self.args.seed)
@@ -233,9 +250,9 @@ def compile_for_sampling(model, args):
 
 
 def compiled_impls(args):
-    """(name, checkout, worker arguments) of each --sample_compile scope: this checkout, compiled."""
+    """(name, checkout, worker arguments, environment) of each --sample_compile scope: this checkout, compiled."""
     scopes = [s for s in (args.sample_compile or "").split(",") if s]
-    return [(f"compiled-{scope}", REPO, ["--_compile_scope", scope]) for scope in scopes]
+    return [(f"compiled-{scope}", REPO, ["--_compile_scope", scope], None) for scope in scopes]
 
 
 def log(msg):
@@ -312,6 +329,23 @@ def profile_levels(workload):
     return {"total": total, "levels": rows, "ops": table}
 
 
+def profile_training(workload, ckpt=False):
+    """The top ops of one training step under torch.profiler, after a warm-up step; on CUDA sorted by
+    device time, with the number of host syncs (cudaStreamSynchronize and friends) counted."""
+    workload.train_step(ckpt)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if workload.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        workload.train_step(ckpt)
+        synchronize(workload.device)
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if workload.device.type == "cuda" else "self_cpu_time_total"
+    counts = {name: sum(e.count for e in events if e.key == name)
+              for name in ("aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize", "cudaDeviceSynchronize")}
+    return {"ops": events.table(sort_by=sort, row_limit=25, max_name_column_width=60), "host_syncs": counts}
+
+
 # ----------------------------------------------------------------------------- worker process
 def serve(root, args):
     """Answer one JSON command per stdin line with one JSON line: the parent runs the show."""
@@ -319,7 +353,9 @@ def serve(root, args):
     out = sys.stdout
     sys.stdout = sys.stderr  # stray prints (progress bars, warnings) must not break the protocol
     params = sum(p.numel() for p in workload.model.parameters())
-    print(json.dumps({"ready": True, "params": params, "allocator": workload.allocator}), file=out, flush=True)
+    print(json.dumps({"ready": True, "params": params, "allocator": workload.allocator,
+                      "fixed_mask_levels": workload.fixed_mask_levels, "compiled": workload.compiled}),
+          file=out, flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         op, result = cmd["op"], {}
@@ -335,28 +371,35 @@ def serve(root, args):
                 workload.task(cmd["task"])()
             result = {"seconds": time.perf_counter() - start}
         elif op == "flops":
-            result = {"flops": count_flops(workload.task(cmd["task"]))}
+            with eager_if(workload.compiled):
+                result = {"flops": count_flops(workload.task(cmd["task"]))}
         elif op == "peak":
             dtype = workload.amp or torch.float32
             result = {"flops_per_s": matmul_peak(workload.device, dtype)}
         elif op == "memory":
-            result = dict(zip(("bytes", "method"), peak_train_memory(workload, cmd["ckpt"])))
+            with eager_if(workload.compiled and workload.device.type == "cpu"):
+                result = dict(zip(("bytes", "method"), peak_train_memory(workload, cmd["ckpt"])))
         elif op == "save_sample":
             torch.save(workload.sample().cpu(), cmd["path"])
+        elif op == "train_losses":
+            result = {"losses": workload.train_losses(cmd["count"])}
         elif op == "nll_value":
             result = {"nll": float(workload.nll())}
         elif op == "profile":
             result = profile_levels(workload)
+        elif op == "profile_train":
+            result = profile_training(workload)
         print(json.dumps(result), file=out, flush=True)
 
 
 class Worker:
     """A worker process for the checkout at `root`, speaking serve()'s protocol."""
 
-    def __init__(self, name, root, argv):
+    def __init__(self, name, root, argv, env=None):
         self.name, self.root = name, root
         cmd = [sys.executable, os.path.abspath(__file__), "--_worker", root] + argv
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root,
+                                     env=env)
         self.info = None
 
     def wait_ready(self):
@@ -387,22 +430,26 @@ def summarize(values):
 
 def run(args, worker_argv):
     tasks = [t for t in args.tasks.split(",") if t]
-    impls = [("ours", REPO, [])]
+    impls = [("ours", REPO, [], None)]
+    if args.compile:
+        impls.append(("ours-compiled", REPO, ["--_compile"], None))
     if args.compare:
-        impls.append(("other", os.path.abspath(args.compare), []))
+        impls.append(compare_impl(args))
     if args.release_like:
-        impls.append(("release-like", os.path.abspath(args.release_like), ["--_release_head"]))
+        impls.append(("release-like", os.path.abspath(args.release_like), ["--_release_head"], None))
     impls += compiled_impls(args)
     load_before = os.getloadavg()
     workers = []
     try:
-        for name, root, extra_argv in impls:  # they start (import torch, build the model) side by side
-            workers.append(Worker(name, root, worker_argv + extra_argv))
+        for name, root, extra_argv, env in impls:  # they start (import torch, build the model) side by side
+            workers.append(Worker(name, root, worker_argv + extra_argv, env))
         for w in workers:
             w.wait_ready()
         result = {"config": config_summary(args), "load_before": load_before,
                   "params": workers[0].info["params"], "impls": {w.name: w.root for w in workers},
-                  "allocator": {w.name: w.info["allocator"] for w in workers}}
+                  "allocator": {w.name: w.info["allocator"] for w in workers},
+                  "fixed_mask_levels": {w.name: w.info.get("fixed_mask_levels", 0) for w in workers},
+                  "compiled": {w.name: w.info.get("compiled", False) for w in workers}}
         for w in workers:  # first calls: lazy initialisation, allocator growth, compilation
             result.setdefault("warmup_s", {})[w.name] = {}
             for t in tasks:
@@ -436,8 +483,12 @@ def run(args, worker_argv):
             result["same_samples"] = same_samples(workers)
         if len(workers) > 1 and "nll" in tasks:
             result["same_nll"] = same_nll(workers)
+        if len(workers) > 1 and args.loss_seeds and any(t.startswith("train") for t in tasks):
+            result["train_loss"] = compare_train_losses(workers, args.loss_seeds)
         if args.profile:
             result["profile"] = {w.name: w.ask("profile") for w in workers if not w.name.startswith("compiled-")}
+        if args.profile_train:
+            result["profile_train"] = {w.name: w.ask("profile_train") for w in workers}
         result["load_after"] = os.getloadavg()
     finally:
         for w in workers:
@@ -482,13 +533,71 @@ def same_nll(workers):
     return {"values": values, "max_abs_diff": diff, "agree": diff < 1e-5}
 
 
+def compare_impl(args):
+    """(name, root, extra worker arguments, environment) of the --compare checkout; the release (see
+    release.py) gets its own environment and, unless --mask_ratio says otherwise, fixed mask ratios."""
+    from release import is_release, release_env  # benchmarks/ is this script's directory
+    root = os.path.abspath(args.compare)
+    if not is_release(root):
+        return "other", root, [], None
+    return "release", root, [], release_env(root, torch.device(args.device).type)
+
+
+def release_mask_ratio(args):
+    """Against the release, the mask ratios are fixed unless --mask_ratio is given: sets the default
+    and returns the worker arguments that pass it on."""
+    from release import is_release
+    if args.mask_ratio is not None or not args.compare or not is_release(os.path.abspath(args.compare)):
+        return []
+    args.mask_ratio = 0.8
+    return ["--mask_ratio", str(args.mask_ratio)]
+
+
+def fix_mask_ratios_of(workload, args):
+    """--mask_ratio: fix the MAR mask ratios of both of the workload's models (release.py says why).
+    Returns the number of MAR levels fixed per model (0: each implementation draws its own)."""
+    if args.mask_ratio is None:
+        return 0
+    from release import fix_mask_ratios
+    fix_mask_ratios(workload.model, args.mask_ratio, args.nll_mask_ratio)
+    return fix_mask_ratios(workload.train_model, args.mask_ratio, args.nll_mask_ratio)
+
+
+def compile_for_training(model, backend):
+    """--compile: the checkout's compile_blocks (ours: models.fractalgen); False where it has none."""
+    try:
+        from models.fractalgen import compile_blocks
+    except ImportError:
+        return False
+    compile_blocks(model, backend)
+    return True
+
+
+def eager_if(compiled):
+    """Compiled code run eagerly: dispatch modes (the FLOP counter, the CPU memory tracker) would make
+    dynamo compile again; the FLOPs are the same."""
+    return torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
+
+
+def compare_train_losses(workers, count):
+    """Mean training loss (no step) over `count` seeds per implementation, with its standard error:
+    dropout and mask draws differ between implementations, so losses agree only in distribution."""
+    out = {}
+    for w in workers:
+        losses = w.ask("train_losses", count=count)["losses"]
+        out[w.name] = {"mean": statistics.mean(losses),
+                       "sem": statistics.stdev(losses) / math.sqrt(len(losses)) if len(losses) > 1 else 0.0}
+    return out
+
+
 def config_summary(args):
     return {"model": args.model, "device": args.device, "threads": torch.get_num_threads(), "amp": args.amp,
             "batch": args.batch, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
             "num_iter_list": args.num_iter_list, "temperature": args.temperature,
             "train_batch": args.train_batch, "nll_batch": args.nll_batch, "repeats": args.repeats,
             "allocator": args.allocator, "sample_compile": args.sample_compile,
-            "sample_compile_mode": args.sample_compile_mode,
+            "sample_compile_mode": args.sample_compile_mode, "mask_ratio": args.mask_ratio,
+            "nll_mask_ratio": args.nll_mask_ratio, "loss_seeds": args.loss_seeds, "compile": args.compile,
             "model_kwargs": args.model_kwargs}
 
 
@@ -507,7 +616,7 @@ def report(result, markdown=False):
              f"matmul peak ({c['amp']}, measured each repeat): median {peak['median'] / 1e9:.1f} GFLOP/s "
              f"[{peak['min'] / 1e9:.1f}, {peak['max'] / 1e9:.1f}]",
              f"malloc (--allocator {c['allocator']}): " + ", ".join(f"{k} {v}" for k, v in result["allocator"].items()),
-             ""]
+             mask_ratio_line(result), ""]
     lines += task_table(result, markdown) + [""]
     if len(result["times"]) > 1:
         lines.append("speedup = that implementation's median time / ours (above 1: ours is faster); "
@@ -519,10 +628,16 @@ def report(result, markdown=False):
     if "same_samples" in result:
         s = result["same_samples"]
         lines.append(f"\nsame samples for the same seed and weights: {s['identical']} (max abs diff {s['max_abs_diff']:.3g})")
+    if "train_loss" in result:
+        lines.append(f"training loss (no step), mean over {c.get('loss_seeds', '')} seeds ± standard error: " + ", ".join(
+            f"{name} {v['mean']:.5f} ± {v['sem']:.5f}" for name, v in result["train_loss"].items()))
     if "same_nll" in result:
         s = result["same_nll"]
         lines.append(f"same NLL for the same batch and seed: {s['agree']} (" + ", ".join(
             f"{name} {v:.6f}" for name, v in s["values"].items()) + f"; max abs diff {s['max_abs_diff']:.2g})")
+    for impl, prof in result.get("profile_train", {}).items():
+        lines += ["", f"training step profile ({impl}); calls that wait for the device on a GPU: "
+                  + ", ".join(f"{k} {v}" for k, v in prof["host_syncs"].items()), prof["ops"]]
     for impl, prof in result.get("profile", {}).items():
         lines += ["", f"sampling profile ({impl}): {prof['total']:.3f} s per call; self time per level"]
         for row in prof["levels"]:
@@ -530,6 +645,16 @@ def report(result, markdown=False):
             lines.append(f"  {row['level']:<45} {row['seconds']:8.3f} s {share:6.1%} {row['calls']:7d} calls")
         lines += ["", prof["ops"]]
     return "\n".join(lines)
+
+
+def mask_ratio_line(result):
+    c = result["config"]
+    compiled = [name for name, flag in result.get("compiled", {}).items() if flag]
+    line = ("MAR masks: each implementation's own random ratio per call" if c.get("mask_ratio") is None else
+            f"MAR masks fixed: ceil(seq_len × {c['mask_ratio']}) per sample in training, ceil(seq_len × "
+            f"{c['nll_mask_ratio']}) in the NLL (levels fixed: " + ", ".join(
+                f"{k} {v}" for k, v in result.get("fixed_mask_levels", {}).items()) + ")")
+    return line + ("; compiled blocks (--compile): " + ", ".join(compiled) if compiled else "")
 
 
 def task_rows(result):
@@ -602,6 +727,17 @@ def parse_args(argv=None):
                    help="also time the checkout at PATH with the release's per-pixel head work (the whole head "
                         "sequence again for each channel in sampling, 4 tokens in training and NLL; see "
                         "benchmarks/release_like.py)")
+    p.add_argument("--mask_ratio", type=float, default=None,
+                   help="fix every MAR level's training mask ratio (and --nll_mask_ratio for the NLL) in every "
+                        "implementation, so that calls do the same work (benchmarks/release.py); default 0.8 "
+                        "when --compare is the release, else each implementation's own draws")
+    p.add_argument("--nll_mask_ratio", type=float, default=0.5)
+    p.add_argument("--loss_seeds", type=int, default=8,
+                   help="with --compare: compare mean training losses over this many seeds (0: skip)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time ours with torch.compile'd transformer blocks in training (main_fractalgen.py "
+                        "--compile), as implementation ours-compiled")
+    p.add_argument("--compile_backend", default="inductor", help="torch.compile backend for --compile")
     p.add_argument("--allocator", default="own", choices=["own", "default"],
                    help="own: each implementation sets up malloc as its CLI does on the CPU (ours keeps freed memory, "
                         "util.misc.keep_freed_memory); default: glibc's defaults for all, to compare the code alone")
@@ -622,6 +758,7 @@ def parse_args(argv=None):
                    help="untimed calls per task first; 0 (with --min_time 0) times the first call of a long "
                         "task, lazy initialisation included; compiled workers always make one (compiling, "
                         "recording CUDA graphs)")
+    p.add_argument("--profile_train", action="store_true", help="the top ops of one training step (torch.profiler)")
     p.add_argument("--no_memory", dest="memory", action="store_false",
                    help="skip the peak training memory (one slow tracked step per setting on CPU)")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
@@ -630,6 +767,7 @@ def parse_args(argv=None):
     p.add_argument("--_weights", dest="weights", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_release_head", dest="release_head", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_compile_scope", dest="compile_scope", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_compile", dest="compile_worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -649,6 +787,7 @@ def main(argv=None):
         args.config, args.model_kwargs = json.loads(os.environ["FRACTALGEN_BENCH_CONFIG"])
         return serve(args._worker, args)
     args = resolve(args)
+    argv = argv + release_mask_ratio(args)
     sys.path.insert(0, REPO)
     from models.fractalgen import MODELS  # ours: the architecture by name
     if args.model not in MODELS:

@@ -269,3 +269,29 @@ def build_model(name, **kwargs):
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
     return MODELS[name](**kwargs)
+
+
+def compile_blocks(model, backend="inductor"):
+    """torch.compile each transformer block (regional compilation: one graph per block shape, compiled
+    in seconds rather than minutes for a whole level) for training. Sampling and the NLL, where the
+    blocks see KV caches and changing row selections, stay eager. Returns the model, changed in place;
+    its state dict keeps its keys."""
+    from models.ar import TransformerBlock
+    from models.layers import Block
+    # every level's width, with and without a row selection, static then dynamic shapes: more graphs of
+    # Block.forward than dynamo's default limit of 8, above which it would silently run eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in model.modules():
+        if isinstance(block, (Block, TransformerBlock)):
+            block.forward = training_compiled(block, backend)
+    return model
+
+
+def training_compiled(block, backend):
+    """block.forward, run through torch.compile when the block trains with gradients."""
+    eager = block.forward
+    compiled = torch.compile(eager, backend=backend)
+
+    def forward(*args, **kwargs):
+        return (compiled if block.training and torch.is_grad_enabled() else eager)(*args, **kwargs)
+    return forward

@@ -121,8 +121,23 @@ def attend(q, k, v, causal=False, dropout_p=0.0, cache=None):
         if explicit_is_faster(q, k, causal, dropout_p):
             out = explicit_attention(q, k, v, causal, dropout_p)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+            out = sdpa_in_chunks(q, k, v, causal, dropout_p)
     return out.to(out_dtype).transpose(1, 2).reshape(b, t, -1)
+
+
+# SDPA's memory-efficient CUDA kernel refuses dropout for a batch above this (its dropout seeds and
+# offsets are per batch entry, which is a grid dimension: "cannot produce valid seed and offset
+# outputs"); deep MAR levels see images × kept patches as their batch.
+SDPA_MAX_BATCH = 65535
+
+
+def sdpa_in_chunks(q, k, v, causal=False, dropout_p=0.0):
+    """F.scaled_dot_product_attention on (b, heads, t, d) inputs, split along the batch so that no call
+    sees more than SDPA_MAX_BATCH samples; each chunk draws its own dropout mask."""
+    if q.size(0) <= SDPA_MAX_BATCH:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+    return torch.cat([F.scaled_dot_product_attention(*qkv, dropout_p=dropout_p, is_causal=causal)
+                      for qkv in zip(*(z.split(SDPA_MAX_BATCH) for z in (q, k, v)))])
 
 
 def explicit_attention(q, k, v, causal=False, dropout_p=0.0):

@@ -103,9 +103,29 @@ def test_gpu_check_script_runs_on_tiny_models(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "passed" in (tmp_path / "cuda_tests.txt").read_text()
-    for label in ("sample_tiny", "train_tiny", "sample_compiled_tiny"):
+    for label in ("sample_tiny", "train_tiny", "sample_compiled_tiny", "train_vs_release_tiny", "train_compiled_tiny"):
         assert f"{label}: exit 0" in proc.stdout
         assert json.loads((tmp_path / f"{label}.json").read_text())["times"]["ours"]
     compiled = json.loads((tmp_path / "sample_compiled_tiny.json").read_text())
     assert set(compiled["times"]) == {"ours", "compiled-head"} and compiled["same_samples"]["identical"]
     assert compiled["flops"]["compiled-head"] == compiled["flops"]["ours"] > 0
+    release = json.loads((tmp_path / "train_vs_release_tiny.json").read_text())
+    assert set(release["times"]) == {"ours", "release"} and release["fixed_mask_levels"] == {"ours": 2, "release": 2}
+    assert json.loads((tmp_path / "train_compiled_tiny.json").read_text())["compiled"]["ours-compiled"]
+    assert (tmp_path / "train_table.md").read_text().count("| fractalmar_tiny_in16") == 2
+
+
+def test_fixed_mask_ratios_mask_the_same_count_in_every_call():
+    """benchmarks/release.py: ours and the release's stand-ins mask ceil(seq_len · r) patches."""
+    import torch
+    from benchmarks.release import FixedRatio, NumpyWithFixedCount, fix_mask_ratios
+    from models.fractalgen import build_model
+    model = build_model("fractalmar_tiny_in16", num_conds=5, class_num=10)
+    assert fix_mask_ratios(model, 0.8, 0.5) == 2
+    for seed in range(3):
+        ranks = torch.argsort(torch.rand(3, 16, generator=torch.Generator().manual_seed(seed)), dim=1)
+        assert model.generator.training_mask(ranks).sum(1).tolist() == [13] * 3  # ceil(16 · 0.8)
+        assert model.generator.nll_mask(ranks).sum(1).tolist() == [8] * 3
+    assert FixedRatio(0.8).rvs(3).tolist() == [0.8] * 3
+    numpy = NumpyWithFixedCount(0.5)
+    assert numpy.random.randint(16) + 1 == 8 and numpy.ceil(0.2) == 1.0  # the rest is numpy

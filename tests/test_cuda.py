@@ -69,6 +69,24 @@ def test_mixed_precision_training_step_is_finite_and_logits_stay_float32(name, p
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
+def test_attention_with_dropout_beyond_the_sdpa_batch_limit(monkeypatch):
+    """Deep MAR levels at the released batches hand attention more than 65,535 sequences; SDPA's
+    efficient CUDA kernel with dropout refused them (fractalmar_large_in256, batch 32, crashed).
+    On the CPU (checking the test itself) the limit is lowered: the real size takes minutes there."""
+    import models.layers as layers
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(layers, "SDPA_MAX_BATCH", 200)
+    n = layers.SDPA_MAX_BATCH + 100
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(n, 6, 2, 8, device=DEVICE, requires_grad=True) for _ in range(3))
+    out = layers.attend(q, k, v, causal=True, dropout_p=0.1)  # causal: SDPA on the CPU too
+    out.sum().backward()
+    assert out.shape == (n, 6, 16) and torch.isfinite(q.grad).all()
+    with torch.no_grad():
+        torch.testing.assert_close(layers.attend(q, k, v, causal=True)[-200:],
+                                   layers.attend(q[-200:], k[-200:], v[-200:], causal=True), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("precision", ["fp32"] + PRECISIONS)
 def test_sampling_with_guidance_gives_images_on_the_device(precision):
     torch.manual_seed(0)

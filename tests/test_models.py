@@ -245,6 +245,37 @@ def test_attend_gives_the_same_on_either_cpu_path(max_keys, monkeypatch):
     torch.testing.assert_close(attend(q, k, v), ref.transpose(1, 2).reshape(2, 7, 24), atol=1e-6, rtol=1e-5)
 
 
+def test_attention_in_batch_chunks_is_the_ordinary_attention(monkeypatch):
+    """Above SDPA_MAX_BATCH (lowered here) attend() calls SDPA on batch chunks: same outputs."""
+    monkeypatch.setattr(layers, "SDPA_MAX_BATCH", 2)  # chunks of 2 of the 9 samples
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(9, 3, 5, 8) for _ in range(3))
+    sdpa, batches = torch.nn.functional.scaled_dot_product_attention, []
+    refs = [sdpa(q, k, v, is_causal=causal) for causal in (False, True)]
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention",
+                        lambda q, *args, **kwargs: batches.append(q.size(0)) or sdpa(q, *args, **kwargs))
+    for causal, ref in zip((False, True), refs):
+        torch.testing.assert_close(layers.sdpa_in_chunks(q, k, v, causal), ref, atol=1e-6, rtol=1e-5)
+    out = attend(*(z.transpose(1, 2) for z in (q, k, v)), causal=True)  # the CPU's path for causal attention
+    torch.testing.assert_close(out, refs[1].transpose(1, 2).reshape(9, 5, 24), atol=1e-6, rtol=1e-5)
+    assert batches == [2, 2, 2, 2, 1] * 3
+
+
+def test_attention_in_batch_chunks_keeps_one_minus_p_of_the_weights(monkeypatch):
+    """With zero queries every weight is 1/s, and with the identity as values the output is the
+    dropped weight matrix itself: each entry is 0 or 1/(s(1 - p)), nonzero with probability 1 - p."""
+    monkeypatch.setattr(layers, "SDPA_MAX_BATCH", 4)  # 10 chunks of 4 of the 40 samples
+    torch.manual_seed(0)
+    b, heads, s, p = 40, 2, 64, 0.1
+    q, k = torch.zeros(b, heads, s, 16), torch.randn(b, heads, s, 16)
+    v = torch.eye(s).expand(b, heads, s, s)
+    out = layers.sdpa_in_chunks(q, k, v, dropout_p=p)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / (s * (1 - p))))
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.003  # 327,680 weights: 6 standard deviations
+    assert not torch.equal(kept[:4], kept[4:8])  # each chunk draws its own mask
+
+
 def test_explicit_attention_dropout_keeps_rows_unbiased():
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 1, 4000, 4), torch.randn(1, 1, 8, 4), torch.ones(1, 1, 8, 1)
