@@ -91,10 +91,9 @@ def split_heads(qkv, num_heads):
     return qkv.view(b, t, 3, num_heads, -1).unbind(2)
 
 
-# On the CPU, materializing the attention weights beats SDPA's kernels for the MAR levels: for 21 and
-# 69 tokens 1.1-1.5x in inference, and with dropout in training at every length measured (SDPA then
-# falls back to a slower path). SDPA stays faster for causal attention, single-query (KV-cached)
-# steps and, without dropout, a few hundred keys or more. benchmarks/attention.py measures these.
+# On the CPU, materializing the attention weights beats SDPA's kernels for the MAR levels' short
+# sequences and for any length with dropout; SDPA stays faster for causal attention, single-query
+# (KV-cached) steps and long sequences without dropout (benchmarks/attention.py measures the crossover).
 CPU_EXPLICIT_MAX_KEYS = 128
 
 
@@ -142,7 +141,7 @@ def sdpa_in_chunks(q, k, v, causal=False, dropout_p=0.0):
 
 def explicit_attention(q, k, v, causal=False, dropout_p=0.0):
     """softmax(q·kᵀ / √d)·v with the weights materialized (float32 logits, a max-subtracted softmax and
-    dropout on the weights, as SPEC.md describes the release); q, k, v: (b, heads, t, d). Causal means
+    dropout on the weights, as the release computes it); q, k, v: (b, heads, t, d). Causal means
     query i sees keys up to i + (keys − queries)."""
     weights = (q @ k.transpose(-2, -1)).mul_(q.size(-1) ** -0.5)
     if causal:
@@ -156,11 +155,9 @@ def explicit_attention(q, k, v, causal=False, dropout_p=0.0):
 
 
 def dropout(x, p):
-    """Training-mode dropout. On the CPU the mask comes from a uniform draw instead of bernoulli_:
-    the same distribution (each element kept with probability 1 - p, scaled by 1 / (1 - p)), but
-    torch's bernoulli_ took about a quarter of a training step of fractalmar_small_in32
-    (benchmarks/bench.py), and a uniform draw and a comparison take about half as long. Other
-    devices keep torch's fused kernel."""
+    """Training-mode dropout. On the CPU the mask comes from a uniform draw and a comparison, the same
+    distribution as torch's bernoulli_ at about half its cost (benchmarks/README.md); other devices
+    keep torch's fused kernel."""
     if p == 0 or p == 1 or x.device.type != "cpu":
         return F.dropout(x, p, training=True)
     keep = torch.rand(x.shape, device=x.device).ge_(p).mul_(1 / (1 - p))
