@@ -194,7 +194,7 @@ class Workload:
         a = self.args
         torch.manual_seed(a.seed)
         labels = torch.arange(a.batch, device=self.device) % a.class_num
-        with torch.no_grad(), self.autocast():
+        with torch.no_grad(), self.autocast():  # the release-compatible sample(): every checkout has it
             cond = self.model.class_emb(labels)
             if a.cfg != 1.0:
                 cond = torch.cat([cond, self.model.fake_latent.repeat(a.batch, 1)])

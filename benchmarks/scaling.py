@@ -16,31 +16,39 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench import FlopCounter, timed  # noqa: E402
-from models.fractalgen import MODELS, build_model  # noqa: E402
+from models.mar import CONDITIONS  # noqa: E402
+from models.fractalgen import MODELS, RELEASED, build_model  # noqa: E402
 
-# the release's sampling steps for its models; the CPU models use the issue's benchmark setting
-NUM_ITER = {"fractalar_in64": [64, 16], "fractalmar_in64": [64, 16], "fractalmar_base_in256": [64, 16, 16],
-            "fractalmar_large_in256": [64, 16, 16], "fractalmar_huge_in256": [64, 16, 16],
-            "fractalar_tiny_in16": [16, 16], "fractalmar_tiny_in16": [16, 8], "fractalmar_small_in32": [16, 8]}
+# the CPU models' steps: the benchmark setting (the released models take theirs from RELEASED)
+CPU_NUM_ITER = {"fractalar_tiny_in16": [16, 16], "fractalmar_tiny_in16": [16, 8], "fractalmar_small_in32": [16, 8]}
+
+
+def num_iter(name):
+    if name in RELEASED:
+        return [int(n) for n in RELEASED[name]["num_iter_list"].split(",")]
+    return CPU_NUM_ITER[name]
 
 
 def model_kwargs(name):
-    """As released: MAR-first models with 5 conditions, the 256×256 ones with a guiding pixel."""
-    config = MODELS[name].config
-    return dict(class_num=1000, num_conds=5 if config["generator_type_list"][0] == "mar" else 1,
-                guiding_pixel=config["img_size_list"][0] >= 256)
+    """As released (RELEASED); the CPU models as MAR-first models with 5 conditions, no guiding pixel."""
+    if name in RELEASED:
+        return dict(class_num=1000, num_conds=RELEASED[name]["num_conds"],
+                    guiding_pixel=RELEASED[name]["guiding_pixel"])
+    return dict(class_num=1000, num_conds=5 if MODELS[name].config["generator_type_list"][0] == "mar" else 1,
+                guiding_pixel=False)
 
 
 def sample(model, batch, num_iter_list, cfg):
-    labels = torch.arange(batch, device=model.fake_latent.device)
+    """What FractalGen.generate does, without its label checks, which need values: the FLOPs are counted
+    on the meta device."""
     with torch.no_grad():
-        cond = model.class_emb(labels)
+        cond = model.class_emb(torch.arange(batch, device=model.fake_latent.device))
         if cfg != 1.0:
             cond = torch.cat([cond, model.fake_latent.repeat(batch, 1)])
-        return model.sample([cond] * 5, num_iter_list, cfg, "linear", 1.0, 1e-4, fractal_level=0)
+        return model.sample([cond] * len(CONDITIONS), num_iter_list, cfg, "linear", 1.0, 1e-4, fractal_level=0)
 
 
-def level_flops(name, cfg, num_iter=None):
+def level_flops(name, cfg, steps=None):
     """Sampling FLOPs per image, per level: [(label, FLOPs)], outer level first, the pixel head last.
 
     Every sequence of a level costs the same, so each level is sampled once, for one image (with
@@ -52,7 +60,7 @@ def level_flops(name, cfg, num_iter=None):
     """
     with torch.device("meta"):
         model = build_model(name, **model_kwargs(name)).eval()
-    config, num_iter = MODELS[name].config, num_iter or NUM_ITER[name]
+    config, steps = MODELS[name].config, steps or num_iter(name)
     pairs = 2 if cfg != 1.0 else 1
     rows, per_image, level, index = [], 1, model, 0
     with torch.no_grad():
@@ -64,7 +72,7 @@ def level_flops(name, cfg, num_iter=None):
             def stub(cond_list, cfg, temperature, filter_threshold):
                 return torch.zeros(cond_list[0].size(0) // pairs, 3, patch, patch, device="meta")
             with FlopCounter() as counter:
-                gen.sample([cond] * 5, num_iter[index], cfg, "linear" if index == 0 else "constant", 1.0, 1e-4, stub)
+                gen.sample([cond] * len(CONDITIONS), steps[index], cfg, "linear" if index == 0 else "constant", 1.0, 1e-4, stub)
             rows.append((f"level {index} {type(gen).__name__} ({gen.seq_len} patches)", counter.total * per_image))
             per_image *= gen.seq_len
             level, index = level.next_fractal, index + 1
@@ -94,14 +102,14 @@ def main(argv=None):
         pixels = config["img_size_list"][0] ** 2
         line = (f"{name:<24} {config['img_size_list'][0]:>3}x{config['img_size_list'][0]:<3} "
                 f"{len(config['img_size_list']):>1} levels  {params / 1e6:8.2f}M params  "
-                f"num_iter {','.join(map(str, NUM_ITER[name])):<9} {total / 1e9:10.1f} GFLOP/image  "
+                f"num_iter {','.join(map(str, num_iter(name))):<9} {total / 1e9:10.1f} GFLOP/image  "
                 f"{total / pixels / 1e6:7.2f} MFLOP/pixel")
         if args.time:
             device = torch.device(args.device)
             torch.manual_seed(0)
             model = build_model(name, **model_kwargs(name)).to(device).eval()
-            sample(model, args.batch, NUM_ITER[name], args.cfg)  # warm-up
-            seconds = timed(lambda: sample(model, args.batch, NUM_ITER[name], args.cfg), device)
+            sample(model, args.batch, num_iter(name), args.cfg)  # warm-up
+            seconds = timed(lambda: sample(model, args.batch, num_iter(name), args.cfg), device)
             line += f"  {seconds / args.batch:8.3f} s/image ({total * args.batch / seconds / 1e9:.1f} GFLOP/s)"
         print(line)
         print("    " + "; ".join(f"{label}: {flops / total:.1%}" for label, flops in levels))

@@ -43,7 +43,7 @@ def test_scaling_level_counts_add_up_to_a_whole_sample():
     from benchmarks.scaling import level_flops, model_kwargs, sample
     from models.fractalgen import build_model
     name = "fractalmar_tiny_in16"
-    _, levels = level_flops(name, cfg=4.0, num_iter=[4, 2])
+    _, levels = level_flops(name, cfg=4.0, steps=[4, 2])
     with torch.device("meta"):
         model = build_model(name, **model_kwargs(name)).eval()
     with FlopCounter() as counter:
