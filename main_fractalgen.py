@@ -114,6 +114,9 @@ def get_args_parser():
     p.add_argument("--local_rank", default=-1, type=int, help="set by the launcher")
     p.add_argument("--dist_on_itp", action="store_true", help="take ranks from OpenMPI's environment")
     p.add_argument("--dist_url", default="env://", help="how processes find each other")
+    p.add_argument("--no_flip", action="store_true",
+                   help="train without random horizontal flips (for images that are not mirror-symmetric, such as "
+                        "digits; the demo sets it)")
     p.add_argument("--demo", action="store_true",
                    help="train a small model on the bundled digits (data/demo; CPU is fine), then write its NLL and "
                         "a sample grid to output_demo/; any flag given as well overrides the demo's setting")
@@ -128,7 +131,8 @@ def get_args_parser():
 DEMO_DEFAULTS = dict(
     model="fractalar_tiny_in16", img_size=16, num_conds=1, class_num=10, data_path="data/demo",
     output_dir="output_demo", epochs=5, warmup_epochs=1, batch_size=32, lr=2e-3,
-    seed=1, lr_schedule="cosine", attn_dropout=0.0, proj_dropout=0.0, num_workers=1, save_last_freq=1, print_freq=50,
+    seed=1, no_flip=True, lr_schedule="cosine", attn_dropout=0.0, proj_dropout=0.0, num_workers=1, save_last_freq=1,
+    print_freq=50,
     num_iter_list="16,16", cfg=3.0, cfg_schedule="linear", temperature=2.0, nll_bsz=100, nll_forward_number=4)
 
 
@@ -223,7 +227,8 @@ def main(args):
     world, rank = misc.get_world_size(), misc.get_rank()
     pin_memory = args.pin_mem and device.type == "cuda"
     if training:
-        loader = train_loader(dataset_train, args.batch_size, args.num_workers, pin_memory, world, rank, args.seed)
+        loader = train_loader(dataset_train, args.batch_size, args.num_workers, pin_memory, world, rank, args.seed,
+                              flip=not args.no_flip)
         steps_per_epoch = len(loader)
         if steps_per_epoch == 0:
             raise misc.UserError(f"--batch_size {args.batch_size} × {world} process(es) is larger than the "
