@@ -125,8 +125,8 @@ def get_args_parser():
 
 # The demo preset: a small FractalAR on the bundled MNIST digits (16×16, one colour per class), sized
 # for a few minutes on a CPU (timings: README). AR rather than MAR: in the same time its raster order
-# draws whole strokes where MAR's parallel draws leave fragments. It resumes its own --output_dir
-# (parse_args). --temperature multiplies the logits (as released), so 2.0 sharpens them: it removes the
+# draws whole strokes where MAR's parallel draws leave fragments; no flips, since a mirrored 3 is no
+# 3. It resumes its own --output_dir (parse_args). --temperature multiplies the logits (as released), so 2.0 sharpens them: it removes the
 # speckle an undertrained pixel head leaves.
 DEMO_DEFAULTS = dict(
     model="fractalar_tiny_in16", img_size=16, num_conds=1, class_num=10, data_path="data/demo",
