@@ -126,14 +126,13 @@ def get_args_parser():
 # The demo preset: a small FractalAR on the bundled MNIST digits (16×16, one colour per class), sized
 # for a few minutes on a CPU (timings: README). AR rather than MAR: in the same time its raster order
 # draws whole strokes where MAR's parallel draws leave fragments; no flips, since a mirrored 3 is no
-# 3. It resumes its own --output_dir (parse_args). --temperature multiplies the logits (as released), so 2.0 sharpens them: it removes the
-# speckle an undertrained pixel head leaves.
+# 3. It resumes its own --output_dir (parse_args). --temperature multiplies the logits (as released), so
+# 2.0 sharpens them: it removes the speckle an undertrained pixel head leaves.
 DEMO_DEFAULTS = dict(
     model="fractalar_tiny_in16", img_size=16, num_conds=1, class_num=10, data_path="data/demo",
     output_dir="output_demo", epochs=5, warmup_epochs=1, batch_size=32, lr=2e-3,
-    seed=1, no_flip=True, lr_schedule="cosine", attn_dropout=0.0, proj_dropout=0.0, num_workers=1, save_last_freq=1,
-    print_freq=50,
-    num_iter_list="16,16", cfg=3.0, cfg_schedule="linear", temperature=2.0, nll_bsz=100, nll_forward_number=4)
+    seed=1, no_flip=True, lr_schedule="cosine", attn_dropout=0.0, proj_dropout=0.0, num_workers=1,
+    save_last_freq=1, print_freq=50, num_iter_list="16,16", cfg=3.0, cfg_schedule="linear", temperature=2.0, nll_bsz=100, nll_forward_number=4)
 
 
 def parse_args(argv=None):
