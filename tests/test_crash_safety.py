@@ -57,6 +57,13 @@ def test_sampler_resumes_the_rest_of_an_epoch():
     assert [i for i, _ in one_rank] != [i for i, _ in EpochSampler(20, 1, 0, seed=3)]
 
 
+def test_sampler_flips_half_the_images_unless_told_not_to():
+    """--no_flip (the demo's digits are not mirror-symmetric) keeps the order and flips nothing."""
+    flipped, plain = list(EpochSampler(200, seed=3)), list(EpochSampler(200, seed=3, flip=False))
+    assert 60 < sum(f for _, f in flipped) < 140 and not any(f for _, f in plain)
+    assert [i for i, _ in plain] == [i for i, _ in flipped]
+
+
 def test_step_checkpoint_resumes_exactly(data, tmp_path, monkeypatch):
     """24 images, batch 8: 3 steps per epoch. A run that dies in epoch 1 at step 2, after the step-2
     checkpoint, and is resumed ends with the same weights, bit for bit, as a run that never died

@@ -225,7 +225,7 @@ def test_demo_mode_prepares_data_and_writes_nll_and_samples(tmp_path, capsys):
     data, out = str(tmp_path / "demo"), str(tmp_path / "out")
     args = main_fractalgen.parse_args(["--demo", "--data_path", data, "--output_dir", out, "--resume", out,
                                        "--epochs", "0", "--num_iter_list", "2,1", "--num_workers", "0"])
-    assert args.model == "fractalmar_tiny_in16" and args.class_num == 10
+    assert args.model == main_fractalgen.DEMO_DEFAULTS["model"] == "fractalar_tiny_in16" and args.class_num == 10
     main_fractalgen.main(args)
     assert sorted(os.listdir(os.path.join(data, "train"))) == [str(d) for d in range(10)]
     import json

@@ -66,8 +66,9 @@ class EpochSampler(Sampler):
     is dealt out rank by rank. With `consumed` = step × batch × ranks this continues an interrupted
     epoch exactly, also with another number of ranks (then every remaining image is still seen once)."""
 
-    def __init__(self, num_samples, num_replicas=1, rank=0, seed=0):
+    def __init__(self, num_samples, num_replicas=1, rank=0, seed=0, flip=True):
         self.num_samples, self.num_replicas, self.rank, self.seed = num_samples, num_replicas, rank, seed
+        self.flip = flip
         self.epoch, self.consumed = 0, 0
 
     def set_epoch(self, epoch, consumed=0):
@@ -79,7 +80,7 @@ class EpochSampler(Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=g)
-        flips = torch.rand(self.num_samples, generator=g) < 0.5
+        flips = (torch.rand(self.num_samples, generator=g) < 0.5) & self.flip
         keep = order[self.consumed:self.consumed + len(self) * self.num_replicas][self.rank::self.num_replicas]
         return iter(zip(keep.tolist(), flips[keep].tolist()))
 
@@ -99,9 +100,10 @@ class FlippedImages(Dataset):
         return (image.flip(-1) if flip else image), label
 
 
-def train_loader(dataset, batch_size, num_workers, pin_memory, num_replicas, rank, seed):
-    """Full batches of (image, label); `loader.sampler.set_epoch(epoch, consumed)` picks the epoch."""
-    sampler = EpochSampler(len(dataset), num_replicas, rank, seed)
+def train_loader(dataset, batch_size, num_workers, pin_memory, num_replicas, rank, seed, flip=True):
+    """Full batches of (image, label), each image mirrored with probability 1/2 when `flip`;
+    `loader.sampler.set_epoch(epoch, consumed)` picks the epoch."""
+    sampler = EpochSampler(len(dataset), num_replicas, rank, seed, flip)
     # its own generator: starting an epoch's iterator must not draw from the model's random state,
     # or a run resumed mid-epoch would see other dropout and masks than one that was never stopped
     return DataLoader(FlippedImages(dataset), sampler=sampler, batch_size=batch_size, num_workers=num_workers,
