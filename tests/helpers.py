@@ -63,3 +63,15 @@ def run(args, nproc=1, timeout=180):
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
            if nproc > 1 else [sys.executable]) + ["main_fractalgen.py"] + args
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def save_random_checkpoint(folder):
+    """A checkpoint of fractalmar_tiny_in16 (3 classes, guiding pixel) with random weights in `folder`."""
+    import argparse
+    import util.checkpoint as checkpoint
+    from models.fractalgen import build_model
+    torch.manual_seed(0)
+    model = build_model("fractalmar_tiny_in16", class_num=3, num_conds=5, guiding_pixel=True)
+    checkpoint.atomic_save({"model": model.state_dict(), "args": argparse.Namespace(model="fractalmar_tiny_in16")},
+                           checkpoint.path_in(folder))
+    return folder

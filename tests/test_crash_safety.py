@@ -1,6 +1,5 @@
 """Crash safety: step checkpoints that resume exactly, torchrun restarts, resumable generation,
 and bad inputs answered with one line that leaves output_dir as it was."""
-import argparse
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import engine_fractalgen
 import main_fractalgen
 import util.checkpoint as checkpoint
 import util.misc as misc
-from helpers import MODEL_ARGS, ROOT, run, write_image_folder
+from helpers import MODEL_ARGS, ROOT, run, save_random_checkpoint, write_image_folder
 from models.fractalgen import build_model
 from util.data import EpochSampler, image_folder
 
@@ -125,12 +124,7 @@ def test_torchrun_restarts_after_a_worker_is_killed(data, tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A folder holding a checkpoint of fractalmar_tiny_in16 with random weights."""
-    folder = str(tmp_path_factory.mktemp("trained"))
-    torch.manual_seed(0)
-    model = build_model("fractalmar_tiny_in16", class_num=3, num_conds=5, guiding_pixel=True)
-    checkpoint.atomic_save({"model": model.state_dict(), "args": argparse.Namespace(model="fractalmar_tiny_in16")},
-                     os.path.join(folder, "checkpoint-last.pth"))
-    return folder
+    return save_random_checkpoint(str(tmp_path_factory.mktemp("trained")))
 
 
 def generate(trained, out, *extra):

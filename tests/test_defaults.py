@@ -1,6 +1,4 @@
 """The flags keep the release's names and defaults; mistakes end in one line before anything is written."""
-import argparse
-import os
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """--evaluate_gen at scale: the progress bar and speed line, --gen_bsz auto and out-of-memory messages."""
-import argparse
 import os
 
 import pytest
@@ -7,22 +6,15 @@ import torch
 
 import engine_fractalgen
 import main_fractalgen
-import util.checkpoint as checkpoint
 from util.checks import check_flags
 from util.misc import UserError
-from helpers import MODEL_ARGS
-from models.fractalgen import build_model
+from helpers import MODEL_ARGS, save_random_checkpoint
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A folder holding a checkpoint of fractalmar_tiny_in16 with random weights."""
-    folder = str(tmp_path_factory.mktemp("trained"))
-    torch.manual_seed(0)
-    model = build_model("fractalmar_tiny_in16", class_num=3, num_conds=5, guiding_pixel=True)
-    checkpoint.atomic_save({"model": model.state_dict(), "args": argparse.Namespace(model="fractalmar_tiny_in16")},
-                           checkpoint.path_in(folder))
-    return folder
+    return save_random_checkpoint(str(tmp_path_factory.mktemp("trained")))
 
 
 def gen_args(trained, out, *extra):

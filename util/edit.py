@@ -135,7 +135,7 @@ def side_by_side(image, unknown, edits, per_row, upscale=4):
     tiles = torch.stack(tiles)
     if upscale > 1:
         tiles = torch.nn.functional.interpolate(tiles, scale_factor=upscale, mode="nearest")
-    return vutils.make_grid(tiles, nrow=per_row + 2, padding=max(upscale, 2), pad_value=1.0)
+    return vutils.make_grid(tiles, nrow=per_row + 2, padding=max(upscale, 2), pad_value=0.5)  # grey: the mask's white shows
 
 
 def save_png(tensor, path):
