@@ -202,18 +202,22 @@ def generate(model_without_ddp, args, device):
         bar.update(min(len(missing) * misc.get_world_size(), bar.total - bar.n))  # rank 0's share, times ranks
 
     start, made = time.time(), 0
-    if auto:
-        bsz, todo = choose_gen_bsz(bsz, todo, make, folder, args, valid, device)
-        if todo and todo[0][2] is not None:  # the first batch, made while measuring
-            first, missing, images = todo.pop(0)
-            write(first, missing, images)
+    try:
+        if auto:
+            bsz, todo = choose_gen_bsz(bsz, todo, make, folder, args, valid, device)
+            if todo and todo[0][2] is not None:  # the first batch, made while measuring
+                first, missing, images = todo.pop(0)
+                write(first, missing, images)
+                made += len(missing)
+        for first, missing, _ in todo:
+            if stop.requested():  # per rank: ranks may have different numbers of batches left
+                raise stop.Stopped(stop.requested(), f"stopped by {stop.name(stop.requested())}: the images "
+                                   f"written so far are kept in {folder}; run the same command to continue")
+            write(first, missing, make(first, missing, bsz))
             made += len(missing)
-    for first, missing, _ in todo:
-        if stop.requested():  # per rank: ranks may have different numbers of batches left
-            raise stop.Stopped(stop.requested(), f"stopped by {stop.name(stop.requested())}: the images written "
-                                                 f"so far are kept in {folder}; run the same command to continue")
-        write(first, missing, make(first, missing, bsz))
-        made += len(missing)
+    except BaseException:
+        bar.close()  # a stopped or failed run leaves its bar where it stood, not at interpreter exit
+        raise
     misc.barrier()
     seconds = time.time() - start
     report_generation_speed(bar, kept, made, seconds, device)
