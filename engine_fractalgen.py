@@ -241,14 +241,13 @@ def pending_batches(folder, args, bsz, valid):
 
 
 # --gen_bsz auto starts here, capped by the images per process, and halves on out-of-memory; on the
-# CPU (where running out of memory is not an exception) it stays at the release's default.
-AUTO_GEN_BSZ = {"cpu": 256}
-AUTO_GEN_BSZ_ACCELERATOR = 1024
+# CPU (where running out of memory is not an exception) it stays at 256.
+AUTO_GEN_BSZ, AUTO_GEN_BSZ_CPU = 1024, 256
 
 
 def first_auto_gen_bsz(args, device):
     """The first batch size --gen_bsz auto tries: a power of two, no more than a process's images."""
-    start = AUTO_GEN_BSZ.get(device.type, AUTO_GEN_BSZ_ACCELERATOR)
+    start = AUTO_GEN_BSZ_CPU if device.type == "cpu" else AUTO_GEN_BSZ
     per_process = -(-args.num_images // misc.get_world_size())
     while start > 1 and start // 2 >= per_process:
         start //= 2

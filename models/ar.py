@@ -5,8 +5,7 @@ import functools
 import torch
 import torch.nn as nn
 
-from models.layers import (Dropout, KVCache, PatchGenerator, attend, guidance_batch, patchify, sampling_steps,
-                           split_heads)
+from models.layers import Dropout, KVCache, PatchGenerator, attend, guidance_batch, sampling_steps, split_heads
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,8 +146,7 @@ class AR(PatchGenerator):
         patches = torch.zeros(bsz, self.seq_len, 3 * self.patch_size ** 2, device=cond.device,
                               dtype=self.pixel_dtype())
         if known is not None:
-            p = self.patch_size
-            known = (self.patchify(known[0]).to(patches.dtype), patchify(known[1][:, None].float(), p) > 0)
+            known = (self.patchify(known[0]).to(patches.dtype), self.pixel_mask(known[1]))
         token = self.cond_emb(cond)
         for step in sampling_steps(self.seq_len, visualize, "AR steps"):
             x = self.patch_emb_ln(token.unsqueeze(1) + self.pos_embed_learned[:, step:step + 1])

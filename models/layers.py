@@ -267,6 +267,10 @@ class PatchGenerator(nn.Module):
     def unpatchify(self, patches):
         return unpatchify(patches, self.patch_size)
 
+    def pixel_mask(self, unknown):
+        """(bsz, S, S) per-pixel mask -> (bsz, seq_len, p²), patch by patch as patchify lays them out."""
+        return patchify(unknown[:, None].float(), self.patch_size) > 0
+
     def run_blocks(self, x, *args, rows=None):
         """The transformer blocks, with activation checkpointing in training when asked for.
         `rows`: the tokens whose outputs are wanted from the last block (Block.forward); None for all."""

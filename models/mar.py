@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models.layers import Block, PatchGenerator, guidance_batch, is_mask, patchify, sampling_steps, take_rows
+from models.layers import Block, PatchGenerator, guidance_batch, is_mask, sampling_steps, take_rows
 from models.pixelloss import PixelLoss
 
 
@@ -212,9 +212,9 @@ class MAR(PatchGenerator):
                 pos = double(orders[:, first:num_masked].sort(dim=1).values)
                 rows = self.rows_read(pos)
             else:  # samples with different numbers of unknown patches: a mask of the positions
-                pos = double(rank_between(ranks, first, num_masked))
+                pos = double(ranks_below(ranks, num_masked) & ~ranks_below(ranks, first))
                 rows = self.needed_positions(pos)
-            out = self.encode(double(patches), double(rank_between(ranks, 0, num_masked)), prefix, rows)
+            out = self.encode(double(patches), double(ranks_below(ranks, num_masked)), prefix, rows)
             conds = [c.reshape(-1, c.size(-1)) for c in self.conditions_from(out, rows, pos)]
             if cfg_schedule == "linear":  # known patches count as done; several masks in a batch: their mean
                 cfg_iter = float(1 + (cfg - 1) * (self.seq_len - np.mean(still_masked)) / self.seq_len)
@@ -230,10 +230,6 @@ class MAR(PatchGenerator):
         return self.unpatchify(patches)
 
     # ------------------------------------------------------------------ sampling around known pixels
-    def pixel_mask(self, unknown):
-        """(bsz, S, S) per-pixel mask -> (bsz, seq_len, p²), patch by patch as patchify lays them out."""
-        return patchify(unknown[:, None].float(), self.patch_size) > 0
-
     def start_from_known(self, known_patches, unknown_pixels, orders):
         """The fully known patches in place (copied exactly) and moved to the end of each order, so
         that they are never masked. Returns (patches, orders, unknown patches per sample: an int
@@ -275,13 +271,11 @@ def masked_after(step, num_iter, num_unknown, num_masked):
     return int(still_masked) if np.ndim(still_masked) == 0 else still_masked
 
 
-def rank_between(ranks, first, last):
-    """(n, seq_len) mask of the positions whose rank in the order is in [first, last) (ints or per-sample arrays)."""
-    if np.ndim(first) == 0 and np.ndim(last) == 0:
-        return (ranks >= first) & (ranks < last)
-    first, last = (torch.tensor(np.broadcast_to(v, ranks.shape[:1]), device=ranks.device)[:, None]
-                   for v in (first, last))
-    return (ranks >= first) & (ranks < last)
+def ranks_below(ranks, count):
+    """(n, seq_len) mask of the first `count` positions of each order (an int, or a per-sample array)."""
+    if np.ndim(count) == 0:
+        return ranks < count
+    return ranks < torch.as_tensor(count, device=ranks.device)[:, None]
 
 
 def put_rows(x, rows, values):
@@ -289,5 +283,4 @@ def put_rows(x, rows, values):
     if is_mask(rows):
         x[rows] = values.reshape(-1, x.size(-1))
     else:
-        batch_rows = torch.arange(x.size(0), device=x.device)[:, None]
-        x[batch_rows, rows] = values.reshape(*rows.shape, -1)
+        x.scatter_(1, rows[..., None].expand(-1, -1, x.size(-1)), values.reshape(*rows.shape, -1))

@@ -25,6 +25,7 @@ from PIL import Image
 
 import util.misc as misc
 from models.layers import imagenet_stats
+from util.checks import parse_num_iter
 from util.crop import center_crop_arr
 
 SHAPES = ("center", "left", "right", "top", "bottom", "border")
@@ -221,7 +222,7 @@ def main(args):
     bad = [c for c in classes if not 0 <= c < settings["class_num"]]
     if bad:
         raise misc.UserError(f"unknown class {bad[0]}: this model has classes 0..{settings['class_num'] - 1}")
-    num_iter_list = parse_ints(args.num_iter_list or settings["num_iter_list"], "--num_iter_list")
+    num_iter_list = parse_num_iter(args.num_iter_list or settings["num_iter_list"])
     if len(num_iter_list) != model.num_fractal_levels - 1:
         raise misc.UserError(f"--num_iter_list needs {model.num_fractal_levels - 1} values for {settings['model']}, "
                              f"got {args.num_iter_list}")

@@ -14,6 +14,7 @@ import torch
 
 import util.misc as misc
 from models.fractalgen import RELEASED
+from util.checks import check_device, parse_num_iter
 from util.download import DownloadError, download_pretrained
 from util.sampling import load_model, save_sample_grid
 
@@ -47,8 +48,7 @@ def get_args_parser():
 
 def sample(args):
     """Write the grid; returns (path, the settings used)."""
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise misc.UserError(f"--device {args.device}: this machine has no CUDA device; pass --device cpu")
+    check_device(args.device)
     try:
         path = args.checkpoint or download_pretrained(args.model, args.download_dir)
     except DownloadError as e:
@@ -69,10 +69,7 @@ def sample(args):
                              "e.g. --classes 207,360,388")
     if min(classes) < 0 or max(classes) >= model.num_classes:
         raise misc.UserError(f"--classes must lie in [0, {model.num_classes}) for this model, got {args.classes}")
-    try:
-        num_iter = [int(n) for n in str(settings["num_iter_list"]).split(",")]
-    except ValueError:
-        raise misc.UserError(f"--num_iter_list must be comma-separated integers, got {settings['num_iter_list']!r}")
+    num_iter = parse_num_iter(str(settings["num_iter_list"]))
     if len(num_iter) != model.num_fractal_levels - 1:
         raise misc.UserError(f"--num_iter_list needs {model.num_fractal_levels - 1} values for {settings['model']}")
     precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
