@@ -25,6 +25,7 @@ import util.misc as misc  # noqa: E402
 import util.stop as stop  # noqa: E402
 from engine_fractalgen import evaluate_gen, evaluate_nll, generation_labels, train_one_epoch  # noqa: E402
 from models.fractalgen import MODELS, RELEASED, build_model, compile_blocks  # noqa: E402
+from util import demo_data  # noqa: E402
 from util.checks import check_flags  # noqa: E402
 from util.data import eval_loader, image_folder, train_loader  # noqa: E402
 
@@ -135,22 +136,32 @@ def get_args_parser():
     p.add_argument("--no_flip", action="store_true",
                    help="train without random horizontal flips (for images that are not mirror-symmetric, such as "
                         "digits; the demo sets it)")
+    # after training (the demo sets both)
+    p.add_argument("--final_nll", action="store_true",
+                   help="after the last epoch: the NLL (bits/dim) of the validation images, as --evaluate_nll "
+                        "gives it")
+    p.add_argument("--final_samples", default=0, type=int, metavar="N",
+                   help="after the last epoch: N samples of each of the first 10 classes in output_dir/samples.png, "
+                        "with the sampling flags above (0 = none); on the bundled digits also the share that a "
+                        "digit classifier reads as their digit")
     p.add_argument("--demo", action="store_true",
-                   help="train a small model on the bundled digits (data/demo; CPU is fine), then write its NLL and "
-                        "a sample grid to output_demo/; any flag given as well overrides the demo's setting")
+                   help="the demo preset: train a small model on the bundled digits (written to data/demo; CPU is "
+                        "fine), then its NLL and a sample grid in output_demo/; flags given as well override it")
     return p
 
 
-# The demo preset: a small FractalAR on the bundled MNIST digits (16×16, one colour per class), sized
-# for a few minutes on a CPU (timings: README). AR rather than MAR: in the same time its raster order
-# draws whole strokes where MAR's parallel draws leave fragments; no flips, since a mirrored 3 is no
-# 3. It resumes its own --output_dir (parse_args). --temperature multiplies the logits (as released), so
-# 2.0 sharpens them: it removes the speckle an undertrained pixel head leaves.
+# The demo preset: a small FractalAR on the bundled MNIST digits (16×16, one colour per class; util.data
+# writes them to data/demo on first use), sized for a few minutes on a CPU, then its NLL and a sample grid
+# (--final_nll, --final_samples). AR rather than MAR: in the same time its raster order draws whole
+# strokes where MAR's parallel draws leave fragments; no flips, since a mirrored 3 is no 3. It resumes
+# its own --output_dir (parse_args). --temperature multiplies the logits (as released), so 2.0
+# sharpens them: it removes the speckle an undertrained pixel head leaves.
 DEMO_DEFAULTS = dict(
-    model="fractalar_tiny_in16", img_size=16, num_conds=1, class_num=10, data_path="data/demo",
+    model="fractalar_tiny_in16", img_size=16, num_conds=1, class_num=10, data_path=demo_data.FOLDER,
     output_dir="output_demo", epochs=5, warmup_epochs=1, batch_size=32, lr=2e-3,
     seed=1, no_flip=True, lr_schedule="cosine", attn_dropout=0.0, proj_dropout=0.0, num_workers=1,
-    save_last_freq=1, print_freq=50, num_iter_list="16,16", cfg=3.0, cfg_schedule="linear", temperature=2.0, nll_bsz=100, nll_forward_number=4)
+    save_last_freq=1, print_freq=50, num_iter_list="16,16", cfg=3.0, cfg_schedule="linear", temperature=2.0,
+    nll_bsz=100, nll_forward_number=4, final_nll=True, final_samples=8)
 
 
 def parse_args(argv=None):
@@ -233,8 +244,6 @@ def main(args):
     torch.manual_seed(args.seed + misc.get_rank())
     np.random.seed(args.seed + misc.get_rank())
     training = not (args.evaluate_gen or args.evaluate_nll)
-    if args.demo:
-        prepare_demo_data(args)
     model = build(args)
     dataset_train = image_folder(args.data_path, "train", args.img_size, args.class_num) if training else None
     dataset_val = image_folder(args.data_path, "val", args.img_size, args.class_num) if args.evaluate_nll else None
@@ -313,8 +322,7 @@ def main(args):
             print_rank0(f"Epoch {epoch} done; {elapsed(start)} so far, ETA of the run "
                         f"{time.strftime('%H:%M:%S', time.gmtime((time.time() - start) / done * left))}")
     print_rank0(f"Training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - start))}")
-    if args.demo:
-        finish_demo(model, model_without_ddp, args, device, world, rank, log_writer, args.epochs)
+    report_after_training(model, model_without_ddp, args, device, world, rank, log_writer)
 
 
 def elapsed(start):
@@ -337,45 +345,43 @@ def report_nll(model, dataset_val, args, device, world, rank, log_writer=None, e
                                               "forward_number": args.nll_forward_number})
 
 
-# ----------------------------------------------------------------------------- the embedded demo
-def prepare_demo_data(args):
-    """Rank 0 writes the bundled digits as an ImageFolder tree (once), so the demo reads them through
-    the same data path as ImageNet."""
-    from util.demo_data import write_image_folder
-    if misc.is_main_process():
-        write_image_folder(args.data_path, img_size=args.img_size)
+# ----------------------------------------------------------------------------- after training
+def report_after_training(model, model_without_ddp, args, device, world, rank, log_writer):
+    """--final_nll and --final_samples: the trained model's NLL and a grid of its samples."""
+    if args.final_nll:
+        dataset_val = image_folder(args.data_path, "val", args.img_size, args.class_num)
+        report_nll(model, dataset_val, args, device, world, rank, log_writer, args.epochs)
+    if args.final_samples and misc.is_main_process():
+        report_samples(model_without_ddp, args, log_writer)
     misc.barrier()
 
 
-def finish_demo(model, model_without_ddp, args, device, world, rank, log_writer, epoch):
-    """After training: NLL on the held-out digits beside what PNG costs on them, a grid of samples (one
-    row per class), and the share of samples a digit classifier reads as their class beside its
-    accuracy on real held-out digits."""
-    from util.digit_check import png_bits_per_dim, read_grid, real_digits, recognised_share
+def report_samples(model, args, log_writer):
+    """output_dir/samples.png, one row per class, seeded by --seed; a model of the bundled digits also
+    gets the digit check (PNG's bits/dim on the held-out digits, and the share of samples recognised)."""
+    from util.digit_check import judge_grid
     from util.sampling import save_sample_grid
-    report_nll(model, image_folder(args.data_path, "val", args.img_size, args.class_num), args, device, world, rank,
-               log_writer, epoch)
-    if misc.is_main_process():
-        (train_x, train_y), (val_x, val_y) = real_digits(args.img_size)
-        png = png_bits_per_dim(val_x)
-        print(f"PNG: {png:.3f} bits/dim on the same {len(val_x)} digits (lossless compression, files as saved)")
-        path, per_class = os.path.join(args.output_dir, "samples.png"), 8
-        grid = save_sample_grid(model_without_ddp, path, args.num_iter, per_class=per_class, cfg=args.cfg,
-                                cfg_schedule=args.cfg_schedule, temperature=args.temperature,
-                                precision=args.precision, seed=args.seed, upscale=4)
-        samples = read_grid(path, args.class_num, per_class, args.img_size, upscale=4)
-        share, real = recognised_share(samples, torch.arange(args.class_num).repeat_interleave(per_class),
-                                       (train_x, train_y), (val_x, val_y))
-        print(f"Samples: {path}  (one row per class; checkpoint: {checkpoint.path_in(args.output_dir)})")
-        print(f"Recognised as their digit: {share:.0%} of the samples (the same classifier on real held-out "
-              f"digits: {real:.0%})")
-        misc.update_results(args.output_dir, demo={"png_bpd": png, "recognised_share": share,
-                                                   "real_digits_accuracy": real, "samples": path})
-        if log_writer is not None:
-            log_writer.add_image("samples", grid, epoch)
-            log_writer.add_scalar("recognised_share", share, epoch)
-            log_writer.flush()
-    misc.barrier()
+    path, per_class = os.path.join(args.output_dir, "samples.png"), args.final_samples
+    upscale = max(1, 64 // args.img_size)  # small images shown at 64 pixels or more
+    grid = save_sample_grid(model, path, args.num_iter, classes=range(min(args.class_num, 10)), per_class=per_class,
+                            cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
+                            filter_threshold=args.filter_threshold, precision=args.precision, seed=args.seed,
+                            upscale=upscale)
+    print(f"Samples: {path}  (one row per class; checkpoint: {checkpoint.path_in(args.output_dir)})")
+    results = {"samples": path}
+    tree = demo_data.tree_settings(args.data_path)
+    if tree is not None:
+        results.update(judge_grid(path, tree, per_class, upscale))
+        print(f"PNG: {results['png_bpd']:.3f} bits/dim on the same {results['held_out_digits']} digits (lossless "
+              "compression, files as saved)")
+        print(f"Recognised as their digit: {results['recognised_share']:.0%} of the samples (the same classifier on "
+              f"real held-out digits: {results['real_digits_accuracy']:.0%})")
+    misc.update_results(args.output_dir, final_samples=results)
+    if log_writer is not None:
+        log_writer.add_image("samples", grid, args.epochs)
+        if "recognised_share" in results:
+            log_writer.add_scalar("recognised_share", results["recognised_share"], args.epochs)
+        log_writer.flush()
 
 
 def print_rank0(msg):

@@ -18,9 +18,10 @@ def draw_categorical(probs):
     generator state, leaving the generator where it leaves it.
 
     torch.multinomial takes argmax(p / E), E = -log1p(-U) from float64 uniforms U; its CPU loop is
-    serial, so on the CPU the same E come from a vectorized log1p. Other devices and dtypes, and a
-    torch.multinomial replaced at run time (the reference fixture checker makes draws greedy so), use
-    torch.multinomial itself. Under torch.compile the value check, a host sync, is left out.
+    serial, so on the CPU the same E come from a vectorized log1p. Other devices and dtypes use
+    torch.multinomial itself, and so does a torch.multinomial replaced at run time: the shared fixture
+    checker (check_fixtures.py) makes draws greedy that way, while our tests replace draw_categorical.
+    Under torch.compile the value check, a host sync, is left out.
     """
     compiling = torch.compiler.is_compiling()
     if probs.device.type != "cpu" and compiling:  # torch.multinomial's own steps, in one graph

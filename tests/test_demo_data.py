@@ -1,6 +1,8 @@
 """The embedded demo data: the committed npz, its ImageFolder tree, and the sample-grid helpers."""
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import torchvision.datasets as datasets
 from PIL import Image
 
 import util.demo_data as demo_data
+from helpers import ROOT
 from models.fractalgen import build_model
 from util.sampling import save_sample_grid
 
@@ -89,6 +92,24 @@ def test_image_folder_is_idempotent_and_repairs(tmp_path):
     write(binary=False)  # other settings: rewritten
     assert len(np.unique(np.asarray(Image.open(one_file)))) > 3
     assert not [f for f in os.listdir(root) if f.startswith(".demo_data-")]  # no staging folder left
+
+
+def test_processes_writing_at_once_take_turns(tmp_path):
+    """The ranks of one run all ask for the tree at once: a process waits while another holds the lock,
+    then finds the tree complete or writes it."""
+    import fcntl
+    import time
+    npz, root = small_npz(str(tmp_path)), str(tmp_path / "demo")
+    os.makedirs(root)
+    code = (f"from util import demo_data; demo_data.write_image_folder({root!r}, img_size=16, val_per_class=2, "
+            f"npz_path={npz!r})")
+    with open(os.path.join(root, demo_data.LOCK), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert proc.poll() is None and not os.path.exists(os.path.join(root, "train"))  # waiting
+    assert proc.communicate(timeout=120)[1] == "" and proc.returncode == 0
+    assert demo_data.tree_is_complete(root, demo_data.tree_settings(root))
 
 
 def test_image_folder_keeps_foreign_data(tmp_path):

@@ -111,9 +111,12 @@ def test_torchrun_train_resume_nll_and_tensorboard(data, tmp_path):
     ckpt = torch.load(os.path.join(out, "checkpoint-last.pth"), map_location="cpu", weights_only=False)
     assert set(ckpt) == {"model", "optimizer", "epoch", "scaler", "args", "rng"} and ckpt["epoch"] == 1
     assert len(ckpt["rng"]) == 2  # every rank's random state
-    second = run(common + ["--epochs", "3"], nproc=2)
+    second = run(common + ["--epochs", "3", "--final_nll", "--final_samples", "2", "--num_iter_list", "2,1"], nproc=2)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Resumed from" in second.stdout and "Training from epoch 2 to 3" in second.stdout
+    # after training: the NLL and a grid of 3 classes × 2 (no digit check: these are not the bundled digits)
+    assert second.stdout.count("BPD: ") == 1 and second.stdout.count("Samples: ") == 1
+    assert "Recognised" not in second.stdout and Image.open(os.path.join(out, "samples.png")).size[1] > 3 * 16 * 4
     assert torch.load(os.path.join(out, "checkpoint-last.pth"), map_location="cpu", weights_only=False)["epoch"] == 2
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -220,22 +223,26 @@ def test_slurm_and_openmpi_start_two_processes(data, tmp_path, launcher):
     assert 0 < float(outputs[0].split("BPD: ")[1].split()[0]) < 20
 
 
-def test_demo_mode_prepares_data_and_writes_nll_and_samples(tmp_path, capsys):
-    """--demo with its defaults, overridden only where a test must be quick (0 epochs, few steps)."""
-    data, out = str(tmp_path / "demo"), str(tmp_path / "out")
-    args = main_fractalgen.parse_args(["--demo", "--data_path", data, "--output_dir", out, "--resume", out,
-                                       "--epochs", "0", "--num_iter_list", "2,1", "--num_workers", "0"])
+def test_demo_preset_writes_the_digits_and_reports_nll_samples_and_digit_check(tmp_path, monkeypatch, capsys):
+    """--demo with its defaults (data/demo written on first use, in the working directory), overridden only
+    where a test must be quick (0 epochs, few steps)."""
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "out")
+    args = main_fractalgen.parse_args(["--demo", "--output_dir", out, "--epochs", "0", "--num_iter_list", "2,1",
+                                       "--num_workers", "0"])
     assert args.model == main_fractalgen.DEMO_DEFAULTS["model"] == "fractalar_tiny_in16" and args.class_num == 10
     main_fractalgen.main(args)
-    assert sorted(os.listdir(os.path.join(data, "train"))) == [str(d) for d in range(10)]
+    assert sorted(os.listdir(tmp_path / "data" / "demo" / "train")) == [str(d) for d in range(10)]
     import json
-    assert 0 < json.load(open(os.path.join(out, "results.json")))["nll"]["bpd"] < 20
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert 0 < results["nll"]["bpd"] < 20
     grid = Image.open(os.path.join(out, "samples.png"))
     assert grid.size[1] > 10 * 16 * 4  # ten rows of 16-pixel samples shown 4× larger
     said = capsys.readouterr().out
     assert "Samples: " in said and said.index("BPD: ") < said.index("PNG: ") < said.index("Recognised as their")
-    demo = json.load(open(os.path.join(out, "results.json")))["demo"]
-    assert 0 <= demo["recognised_share"] <= 1 and 0.85 < demo["real_digits_accuracy"] < 1 and demo["png_bpd"] > 0
+    digits = results["final_samples"]
+    assert 0 <= digits["recognised_share"] <= 1 and 0.85 < digits["real_digits_accuracy"] < 1
+    assert digits["png_bpd"] > 0 and digits["held_out_digits"] == 500
     logged = tensorboard_events(out)
-    assert logged.Scalars("recognised_share")[-1].value == pytest.approx(demo["recognised_share"])
+    assert logged.Scalars("recognised_share")[-1].value == pytest.approx(digits["recognised_share"])
     assert 0 < logged.Scalars("val_bpd")[-1].value < 20 and logged.Images("samples")

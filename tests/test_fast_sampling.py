@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from models import pixelloss
 from models.fractalgen import build_model
 from util.fast_sampling import compile_sampling
 from util.sampling import sample_classes
@@ -40,9 +41,9 @@ def draw(model, num_iter_list=(4, 4), cfg=2.0, seed=3):
 @pytest.mark.parametrize("name", ["fractalmar_tiny_in16", "fractalar_tiny_in16"])
 def test_sampling_loops_have_no_host_syncs(name, monkeypatch):
     """Off the CPU the categorical draws are torch.multinomial's (no sync since torch 2.4, its check is
-    asynchronous); the CPU's own sampler checks values on the host, so it is replaced here. What is
+    asynchronous); the CPU's own draw checks values on the host, so it is replaced here. What is
     left are sample_classes' label checks, once per call, whatever the number of steps."""
-    monkeypatch.setattr(torch, "multinomial", lambda probs, num_samples: torch.argmax(probs, -1, keepdim=True))
+    monkeypatch.setattr(pixelloss, "draw_categorical", lambda probs: torch.argmax(probs, -1, keepdim=True))
     model = tiny(name)
     counts = []
     for num_iter_list in ([2, 2], [8, 4]):

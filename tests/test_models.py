@@ -10,6 +10,7 @@ from helpers import FIXTURES, load_fixture, normalize_u8, pixel_head, random_ima
 from models.fractalgen import MODELS, RELEASED, FractalGen, build_model
 import models.layers as layers
 from models.layers import Dropout, attend, explicit_attention, patchify, unpatchify
+from models import pixelloss
 from models.pixelloss import draw_categorical, guided_logits
 
 @pytest.mark.parametrize("name", RELEASED)
@@ -106,7 +107,7 @@ def test_level0_conditions_and_head_logits_equal_reference(name, request):
 
 def greedy(monkeypatch, model):
     """The fixtures' protocol: argmax instead of draws, and a fixed order per sequence length."""
-    monkeypatch.setattr(torch, "multinomial", lambda probs, num_samples=1, *a, **k: probs.argmax(-1, keepdim=True))
+    monkeypatch.setattr(pixelloss, "draw_categorical", lambda probs: probs.argmax(-1, keepdim=True))
 
     def fixed_orders(seq_len):
         def orders(bsz):
@@ -144,13 +145,13 @@ def test_sample_draws_from_the_model_distribution(tiny_ar, monkeypatch):
     the sum of the log-probabilities of the draws made while sampling it."""
     model, _ = tiny_ar
     draws = []
-    real_multinomial = torch.multinomial
+    real_draw = pixelloss.draw_categorical
 
-    def recording(probs, num_samples=1, *args, **kwargs):
-        ids = real_multinomial(probs, num_samples, *args, **kwargs)
+    def recording(probs):
+        ids = real_draw(probs)
         draws.append(probs.double().gather(-1, ids).log().sum())
         return ids
-    monkeypatch.setattr(torch, "multinomial", recording)
+    monkeypatch.setattr(pixelloss, "draw_categorical", recording)
     torch.manual_seed(3)
     with torch.no_grad():
         uncond = model.fake_latent.repeat(3, 1)
@@ -299,6 +300,8 @@ def test_categorical_draw_is_torch_multinomial(dtype):
 
 
 def test_categorical_draw_defers_to_a_replaced_multinomial_and_rejects_nan(monkeypatch):
+    """The shared fixture checker (../shared/reference/check_fixtures.py) makes draws greedy by replacing
+    torch.multinomial; the CPU's faster draw must then give way to it."""
     probs = torch.tensor([[1.0, 0.0, 0.0]])  # a real draw always gives 0
     monkeypatch.setattr(torch, "multinomial", lambda p, num_samples=1: p.argmin(-1, keepdim=True))
     assert draw_categorical(probs).tolist() == [[1]]

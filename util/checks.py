@@ -11,7 +11,8 @@ from util.misc import UserError
 # flag: smallest allowed value (counts)
 COUNTS = {"batch_size": 1, "epochs": 0, "img_size": 1, "num_images": 1, "eval_freq": 1, "save_last_freq": 1,
           "save_every_steps": 0, "gen_bsz": 1, "nll_bsz": 1, "nll_forward_number": 1, "warmup_epochs": 0,
-          "num_conds": 1, "class_num": 1, "print_freq": 1, "seed": 0, "start_epoch": 0, "num_workers": 0}
+          "num_conds": 1, "class_num": 1, "print_freq": 1, "seed": 0, "start_epoch": 0, "num_workers": 0,
+          "final_samples": 0}
 # flag: (low, high, whether low itself is allowed, whether high is); None = unbounded
 RANGES = {"blr": (0, None, False, False), "lr": (0, None, False, False), "min_lr": (0, None, True, False),
           "weight_decay": (0, None, True, False), "cfg": (0, None, True, False),
@@ -28,7 +29,8 @@ def check_flags(args):
         value = getattr(args, flag, None)
         if isinstance(value, int) and value < low:  # (a non-integer, e.g. "auto", is resolved elsewhere)
             raise UserError(f"--{flag} must be {'at least 1' if low else 'zero or more'}, got {value}")
-    if args.epochs == 0 and not (args.evaluate_gen or args.evaluate_nll or getattr(args, "demo", False)):
+    evaluates = args.evaluate_gen or args.evaluate_nll or getattr(args, "final_nll", False)
+    if args.epochs == 0 and not (evaluates or getattr(args, "final_samples", 0)):
         raise UserError("--epochs 0 trains nothing; pass the number of epochs to train to (or --evaluate_nll / "
                         "--evaluate_gen to evaluate a checkpoint)")
     if args.seed > MAX_SEED:

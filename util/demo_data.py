@@ -7,6 +7,8 @@ the same data path:
 
     python -m util.demo_data write data/demo            # data/demo/{train,val}/<digit>/*.png, 16×16
 
+`util.data.image_folder` writes them on first use when --data_path is `data/demo` (the demo's).
+
 Each digit is drawn in its class colour on black (binary ink by default): a class-conditional model
 shows at a glance whether it learned the classes (colour) and the shapes (digit).
 
@@ -15,6 +17,7 @@ sha512) with `python -m util.demo_data build`; it needs `npm` and network access
 """
 import argparse
 import base64
+import fcntl
 import hashlib
 import json
 import os
@@ -37,6 +40,8 @@ PALETTE = np.array([
     (140, 86, 75), (227, 119, 194), (160, 160, 160), (188, 189, 34), (23, 190, 207)], dtype=np.float32) / 255
 PALETTE = PALETTE / PALETTE.max(axis=1, keepdims=True)  # full brightness: the ink uses the whole 0..255 range
 MARKER = "demo_data.json"
+LOCK = ".demo_data.lock"
+FOLDER = os.path.join("data", "demo")  # the demo's --data_path, relative to the working directory
 
 
 # ----------------------------------------------------------------------------- build the npz (maintainers)
@@ -148,13 +153,18 @@ def expected_tree(labels, class_names, val_per_class):
             for split, idx in (("train", train), ("val", val))}
 
 
-def tree_is_complete(root, settings):
-    """True when root holds exactly the tree that `settings` describe (marker and PNG counts)."""
+def tree_settings(root):
+    """The settings of the digits tree that write_image_folder wrote in root, or None for any other folder."""
     try:
         with open(os.path.join(root, MARKER)) as f:
-            if json.load(f) != settings:
-                return False
+            return json.load(f)
     except (OSError, ValueError):
+        return None
+
+
+def tree_is_complete(root, settings):
+    """True when root holds exactly the tree that `settings` describe (marker and PNG counts)."""
+    if tree_settings(root) != settings:
         return False
     for split, counts in settings["counts"].items():
         for name, count in counts.items():
@@ -170,19 +180,27 @@ def write_image_folder(root, img_size=16, val_per_class=50, binary=True, npz_pat
     binary: ink either off or full (see `colourise`); False keeps MNIST's grey levels.
     Idempotent: a complete tree with the same settings is left as it is. The tree is written in a
     temporary folder inside root and moved into place, so an interrupted run leaves no half tree;
-    a train/ or val/ this function did not write is never deleted. Returns root.
+    a train/ or val/ this function did not write is never deleted. Processes that call it at once (the
+    ranks of one run) take turns on a lock, so one writes and the others find the tree. Returns root.
     """
     images, labels, class_names = load_digits(npz_path)
     settings = {"source": os.path.basename(npz_path), "img_size": img_size, "val_per_class": val_per_class,
                 "binary": binary, "counts": expected_tree(labels, class_names, val_per_class)}
-    if tree_is_complete(root, settings):
-        return root
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, LOCK), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not tree_is_complete(root, settings):
+            write_tree(root, settings, images, labels, class_names, img_size, val_per_class, binary)
+    return root
+
+
+def write_tree(root, settings, images, labels, class_names, img_size, val_per_class, binary):
+    """The writing half of write_image_folder (under its lock)."""
     ours = os.path.exists(os.path.join(root, MARKER))
     existing = [s for s in ("train", "val") if os.path.exists(os.path.join(root, s))]
     if existing and not ours:
         raise FileExistsError(f"{root} already has {' and '.join(existing)}/ not written by the demo; "
                               "pick another folder for the demo data or remove them")
-    os.makedirs(root, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".demo_data-", dir=root)
     try:
         for split, idx in zip(("train", "val"), split_indices(labels, val_per_class)):
@@ -199,7 +217,6 @@ def write_image_folder(root, img_size=16, val_per_class=50, binary=True, npz_pat
         os.replace(os.path.join(staging, MARKER), os.path.join(root, MARKER))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return root
 
 
 def main():

@@ -21,12 +21,12 @@ def ink(images):
     return (images.amax(dim=1) >= 0.5).flatten(1).float()
 
 
-def real_digits(img_size=16, val_per_class=50):
+def real_digits(img_size=16, val_per_class=50, binary=True):
     """((train images, labels), (val images, labels)) as the demo trains on them, (n, 3, S, S) in [0, 1]."""
     images, labels, _ = load_digits()
     splits = []
     for idx in split_indices(labels, val_per_class):
-        rgb = np.stack([np.asarray(colourise(images[i], labels[i], img_size)) for i in idx])
+        rgb = np.stack([np.asarray(colourise(images[i], labels[i], img_size, binary)) for i in idx])
         splits.append((torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(labels[idx])))
     return splits
 
@@ -73,6 +73,17 @@ def read_grid(path, rows, per_row, img_size, upscale):
     starts = [pad + i * (tile + pad) for i in range(max(rows, per_row))]
     tiles = [grid[:, starts[r]:starts[r] + tile, starts[c]:starts[c] + tile] for r in range(rows) for c in range(per_row)]
     return torch.stack(tiles)[:, :, ::upscale, ::upscale]
+
+
+def judge_grid(path, tree, per_class, upscale):
+    """What the digit check says of a grid of samples (one row per digit) of a model trained on the digits
+    tree with settings `tree` (util.demo_data.tree_settings): PNG's bits/dim on the real held-out digits,
+    the share of samples recognised as their digit, and the classifier's accuracy on the real ones."""
+    train, (val_x, val_y) = real_digits(tree["img_size"], tree["val_per_class"], tree["binary"])
+    samples = read_grid(path, 10, per_class, tree["img_size"], upscale)
+    share, real = recognised_share(samples, torch.arange(10).repeat_interleave(per_class), train, (val_x, val_y))
+    return {"png_bpd": png_bits_per_dim(val_x), "held_out_digits": len(val_x), "recognised_share": share,
+            "real_digits_accuracy": real}
 
 
 def main():
