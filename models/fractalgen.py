@@ -178,11 +178,13 @@ class FractalGen(nn.Module):
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.fake_latent.device)
         if labels.dim() != 1 or not len(labels):
             raise ValueError(f"labels must be a non-empty list of class indices, got {labels.tolist()}")
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise ValueError(f"class labels must lie in [0, {self.num_classes}) for this model, got {labels.tolist()}")
         known = None
-        if images is not None:
-            self.check_inputs(images, labels)
+        if images is None:
+            if labels.min() < 0 or labels.max() >= self.num_classes:
+                raise ValueError(f"class labels must lie in [0, {self.num_classes}) for this model, got "
+                                 f"{labels.tolist()}")
+        else:
+            self.check_inputs(images, labels)  # the labels' range too
             if unknown is None or unknown.shape != (images.size(0), *images.shape[2:]):
                 raise ValueError(f"unknown must be a bool mask of shape {(images.size(0), *images.shape[2:])}, "
                                  f"one per image, got {None if unknown is None else tuple(unknown.shape)}")

@@ -122,6 +122,14 @@ def test_nothing_unknown_returns_the_input_without_running_the_generator(name, m
     assert torch.equal(out, imgs)
 
 
+def test_edit_checks_labels_and_pixels_once():
+    model, imgs = make("ar"), random_images(2, 16)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        model.generate(torch.tensor([0, 10]), steps(model), images=imgs, unknown=masks("same", n=2))
+    with pytest.raises(ValueError, match="images must be pixels in"):
+        model.generate(torch.tensor([0, 1]), steps(model), images=imgs * 10, unknown=masks("same", n=2))
+
+
 @pytest.mark.parametrize("name", ["ar", "mar_gp", "ar_mar_gp", "mar4_gp"])
 def test_everything_unknown_gives_exactly_the_samples(name):
     model = make(name)
@@ -290,7 +298,7 @@ def test_cli_writes_the_edits_and_the_side_by_side_picture(files, tmp_path, caps
     (("--mask", "all_known.png", "--class", "0"), "leaves no pixel unknown"),
     (("--mask", "0,0,3,3", "--class", "7"), "unknown class 7: this model has classes 0..2"),
     (("--mask", "left", "--class", "0", "--image", "missing.png"), "no file .*missing.png"),
-    (("--mask", "left", "--class", "0", "--device", "tpu"), "--device tpu"),
+    (("--mask", "left", "--class", "0", "--device", "tpu"), "--device 'tpu' is not a device name"),
 ])
 def test_cli_rejects_bad_input_with_one_line(files, args, message, tmp_path, capsys):
     args = [str(files["root"] / a) if a.endswith(".png") else a for a in args]

@@ -25,7 +25,7 @@ from PIL import Image
 
 import util.misc as misc
 from models.layers import imagenet_stats
-from util.checks import parse_num_iter
+from util.checks import check_device, parse_num_iter
 from util.crop import center_crop_arr
 
 SHAPES = ("center", "left", "right", "top", "bottom", "border")
@@ -173,18 +173,6 @@ def get_args_parser():
     return p
 
 
-def check_device(name):
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise misc.UserError(f"--device {name} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise misc.UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise misc.UserError(f"--device {name}: only cpu and cuda are supported")
-    return device
-
-
 def released_checkpoint(name, download_dir, url=None):
     """The released model's checkpoint, fetched by util.download unless it is there already."""
     from util.download import DownloadError, download_pretrained
@@ -203,7 +191,8 @@ def parse_ints(text, flag):
 
 def main(args):
     from util.sampling import load_model
-    device = check_device(args.device)
+    check_device(args.device)
+    device = torch.device(args.device)
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
     if args.num_samples < 1:
         raise misc.UserError(f"--num_samples must be at least 1, got {args.num_samples}")
