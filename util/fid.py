@@ -21,6 +21,8 @@ import torch.nn as nn
 from PIL import Image
 from tqdm import tqdm
 
+from util.checks import check_device
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 FEATURE_DIM = 2048
 NUM_LOGITS = 1008
@@ -300,10 +302,8 @@ def main(argv=None):
         p.add_argument("--batch_size", type=int, default=64)
     args = parser.parse_args(argv)
     try:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as e:
-            raise ValueError(f"bad --device {args.device!r}: {e}") from None
+        check_device(args.device)
+        device = torch.device(args.device)
         if args.command == "stats":
             compute_fid_stats(args.image_dir, args.out_path, device, args.inception_weights, args.batch_size)
             print(f"saved FID statistics of {args.image_dir} to {args.out_path}")
