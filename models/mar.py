@@ -202,12 +202,12 @@ class MAR(PatchGenerator):
             patches, orders, num_unknown = self.start_from_known(known_patches, unknown_pixels, orders)
         ranks = torch.argsort(orders, dim=1)
         prefix = self.prefix_tokens(cond_list)
-        num_iter = min(int(np.max(num_unknown)), num_iter)
+        num_iter = min(int(np.max(num_unknown)) if per_sample(num_unknown) else num_unknown, num_iter)
         num_masked = num_unknown
         for step in sampling_steps(num_iter, visualize, "MAR steps"):
             still_masked = masked_after(step, num_iter, num_unknown, num_masked)
             first = 0 if step == num_iter - 1 else still_masked  # the last step predicts all that remain
-            if np.ndim(num_masked) == 0:
+            if not per_sample(num_masked):
                 # positions predicted now, in increasing position order within each sample
                 pos = double(orders[:, first:num_masked].sort(dim=1).values)
                 rows = self.rows_read(pos)
@@ -217,7 +217,8 @@ class MAR(PatchGenerator):
             out = self.encode(double(patches), double(ranks_below(ranks, num_masked)), prefix, rows)
             conds = [c.reshape(-1, c.size(-1)) for c in self.conditions_from(out, rows, pos)]
             if cfg_schedule == "linear":  # known patches count as done; several masks in a batch: their mean
-                cfg_iter = float(1 + (cfg - 1) * (self.seq_len - np.mean(still_masked)) / self.seq_len)
+                done = self.seq_len - (float(np.mean(still_masked)) if per_sample(still_masked) else still_masked)
+                cfg_iter = 1 + (cfg - 1) * done / self.seq_len
             else:
                 cfg_iter = cfg
             given = {} if known is None else self.known_rows(known_patches, unknown_pixels, pos[:bsz])
@@ -266,14 +267,22 @@ def masked_after(step, num_iter, num_unknown, num_masked):
     """How many positions stay masked after `step`: the cosine schedule over the `num_unknown` ones,
     at least one fewer than the `num_masked` now and at least one until the last step, at most
     `num_masked` (ints, or per-sample numpy arrays)."""
-    still_masked = np.floor(num_unknown * np.cos(math.pi / 2 * (step + 1) / num_iter)).astype(int)
-    still_masked = np.minimum(num_masked, np.maximum(1, np.minimum(num_masked - 1, still_masked)))
-    return int(still_masked) if np.ndim(still_masked) == 0 else still_masked
+    fraction = math.cos(math.pi / 2 * (step + 1) / num_iter)
+    if per_sample(num_unknown):
+        still_masked = np.floor(num_unknown * fraction).astype(int)
+        return np.minimum(num_masked, np.maximum(1, np.minimum(num_masked - 1, still_masked)))
+    return min(num_masked, max(1, min(num_masked - 1, math.floor(num_unknown * fraction))))
+
+
+def per_sample(count):
+    """Whether a count is per sample (a numpy array: editing with masks that differ between images)
+    rather than one int; plain Python ints keep the sampling loop traceable by torch.compile."""
+    return isinstance(count, np.ndarray)
 
 
 def ranks_below(ranks, count):
     """(n, seq_len) mask of the first `count` positions of each order (an int, or a per-sample array)."""
-    if np.ndim(count) == 0:
+    if not per_sample(count):
         return ranks < count
     return ranks < torch.as_tensor(count, device=ranks.device)[:, None]
 

@@ -79,9 +79,10 @@ def test_compiled_heads_draw_the_same_samples_in_one_graph_each():
     assert not torch.equal(draw(model, seed=4), eager)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["fractalmar_tiny_in16", "fractalar_tiny_in16"])
+@pytest.mark.parametrize("name", ["fractalmar_tiny_in16", pytest.param("fractalar_tiny_in16", marks=pytest.mark.slow)])
 def test_compiled_inner_level_draws_the_same_samples_in_one_graph(name):
+    """The whole last level in one graph: its schedule is plain Python ints (numpy in the loop would
+    break the graph at every step)."""
     model = tiny(name)
     eager = draw(model)
     counter = GraphCounter()
