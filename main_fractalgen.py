@@ -370,7 +370,7 @@ def report_samples(model, args, log_writer):
     print(f"Samples: {path}  (one row per class; checkpoint: {checkpoint.path_in(args.output_dir)})")
     results = {"samples": path}
     tree = demo_data.tree_settings(args.data_path)
-    if tree is not None:
+    if tree is not None and tree["img_size"] == args.img_size:
         results.update(judge_grid(path, tree, per_class, upscale))
         print(f"PNG: {results['png_bpd']:.3f} bits/dim on the same {results['held_out_digits']} digits (lossless "
               "compression, files as saved)")
