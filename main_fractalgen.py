@@ -26,7 +26,7 @@ import util.stop as stop  # noqa: E402
 from engine_fractalgen import evaluate_gen, evaluate_nll, generation_labels, train_one_epoch  # noqa: E402
 from models.fractalgen import MODELS, RELEASED, build_model, compile_blocks  # noqa: E402
 from util import demo_data  # noqa: E402
-from util.checks import check_flags  # noqa: E402
+from util.checks import check_flags, default_device, default_precision  # noqa: E402
 from util.data import eval_loader, image_folder, train_loader  # noqa: E402
 
 
@@ -120,7 +120,7 @@ def get_args_parser():
     p.add_argument("--fid_inception_weights", default=None, help="local copy of torch-fidelity's InceptionV3 weights")
     p.add_argument("--print_freq", default=20, type=int, help="log a line every N steps")
     # system
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", default=default_device(),
                    help="cuda, cuda:N or cpu; default cuda when there is one")
     p.add_argument("--seed", default=0, type=int, help="random seed (each process adds its rank)")
     p.add_argument("--resume", default="", help="folder holding checkpoint-last.pth to continue or evaluate")
@@ -141,9 +141,10 @@ def get_args_parser():
                    help="after the last epoch: the NLL (bits/dim) of the validation images, as --evaluate_nll "
                         "gives it")
     p.add_argument("--final_samples", default=0, type=int, metavar="N",
-                   help="after the last epoch: N samples of each of the first 10 classes in output_dir/samples.png, "
-                        "with the sampling flags above (0 = none); on the bundled digits also the share that a "
-                        "digit classifier reads as their digit")
+                   help="after the last epoch: N samples of each of the first 10 classes in output_dir/samples.png "
+                        "(0 = none), with --num_iter_list, --cfg, --cfg_schedule, --temperature, --filter_threshold, "
+                        "--seed and --precision, in batches of --gen_bsz; on the bundled digits also the share "
+                        "that a digit classifier reads as their digit")
     p.add_argument("--demo", action="store_true",
                    help="the demo preset: train a small model on the bundled digits (written to data/demo; CPU is "
                         "fine), then its NLL and a sample grid in output_demo/; flags given as well override it")
@@ -170,9 +171,10 @@ def parse_args(argv=None):
     parser = get_args_parser()
     argv = sys.argv[1:] if argv is None else argv
     parser.error = one_line_error
-    if "--demo" in argv:
-        parser.set_defaults(**{**DEMO_DEFAULTS, "resume": None})
     args = parser.parse_args(argv)
+    if args.demo:  # parsed again over the preset's defaults (also when --demo was abbreviated)
+        parser.set_defaults(**{**DEMO_DEFAULTS, "resume": None})
+        args = parser.parse_args(argv)
     if args.resume is None:  # the demo resumes from its own output folder, also one given by --output_dir
         args.resume = args.output_dir
     return args
@@ -192,7 +194,7 @@ def check_args(args):
         raise misc.UserError("--precision fp16 is for CUDA (with a gradient scaler); on the CPU it is slower and "
                              "less accurate: use bf16 or fp32")
     if args.precision is None:
-        args.precision = "fp16" if args.device.startswith("cuda") else "fp32"
+        args.precision = default_precision(args.device)
     args.fid_stats = args.fid_stats or f"fid_stats/adm_in{args.img_size}_stats.npz"
     args.log_dir = args.log_dir or args.output_dir
     if args.evaluate_gen or args.online_eval:
@@ -246,7 +248,8 @@ def main(args):
     training = not (args.evaluate_gen or args.evaluate_nll)
     model = build(args)
     dataset_train = image_folder(args.data_path, "train", args.img_size, args.class_num) if training else None
-    dataset_val = image_folder(args.data_path, "val", args.img_size, args.class_num) if args.evaluate_nll else None
+    needs_val = args.evaluate_nll or (training and args.final_nll)  # checked now, not after training
+    dataset_val = image_folder(args.data_path, "val", args.img_size, args.class_num) if needs_val else None
     ckpt_path, ckpt = checkpoint.to_resume(args, training)
     if ckpt is not None:
         checkpoint.load_model_state(model, ckpt["model"], ckpt_path)
@@ -300,8 +303,11 @@ def main(args):
         return
 
     first_step = f" (step {consumed // (args.batch_size * world)})" if consumed else ""
-    print_rank0(f"Training from epoch {start_epoch}{first_step} to {args.epochs}, lr {args.lr:.3g}, "
-                f"{steps_per_epoch} steps per epoch")
+    if start_epoch < args.epochs:
+        print_rank0(f"Training from epoch {start_epoch}{first_step} to {args.epochs}, lr {args.lr:.3g}, "
+                    f"{steps_per_epoch} steps per epoch")
+    else:
+        print_rank0(f"Nothing to train: the run is at epoch {start_epoch} and --epochs is {args.epochs}")
     start = time.time()
     with stop.deferred():  # SIGTERM, SIGINT: a step checkpoint at the next step boundary, then Stopped
         for epoch in range(start_epoch, args.epochs):
@@ -322,7 +328,7 @@ def main(args):
             print_rank0(f"Epoch {epoch} done; {elapsed(start)} so far, ETA of the run "
                         f"{time.strftime('%H:%M:%S', time.gmtime((time.time() - start) / done * left))}")
     print_rank0(f"Training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - start))}")
-    report_after_training(model, model_without_ddp, args, device, world, rank, log_writer)
+    report_after_training(model, model_without_ddp, dataset_val, args, device, world, rank, log_writer)
 
 
 def elapsed(start):
@@ -346,28 +352,28 @@ def report_nll(model, dataset_val, args, device, world, rank, log_writer=None, e
 
 
 # ----------------------------------------------------------------------------- after training
-def report_after_training(model, model_without_ddp, args, device, world, rank, log_writer):
-    """--final_nll and --final_samples: the trained model's NLL and a grid of its samples."""
+def report_after_training(model, model_without_ddp, dataset_val, args, device, world, rank, log_writer):
+    """--final_nll and --final_samples: the trained model's NLL (all processes) and a grid of its
+    samples (rank 0; the others are done and do not wait for it)."""
     if args.final_nll:
-        dataset_val = image_folder(args.data_path, "val", args.img_size, args.class_num)
         report_nll(model, dataset_val, args, device, world, rank, log_writer, args.epochs)
     if args.final_samples and misc.is_main_process():
         report_samples(model_without_ddp, args, log_writer)
-    misc.barrier()
 
 
 def report_samples(model, args, log_writer):
     """output_dir/samples.png, one row per class, seeded by --seed; a model of the bundled digits also
     gets the digit check (PNG's bits/dim on the held-out digits, and the share of samples recognised)."""
     from util.digit_check import judge_grid
-    from util.sampling import save_sample_grid
+    from util.sampling import grid_upscale, save_sample_grid
     path, per_class = os.path.join(args.output_dir, "samples.png"), args.final_samples
-    upscale = max(1, 64 // args.img_size)  # small images shown at 64 pixels or more
+    upscale = grid_upscale(args.img_size)
     grid = save_sample_grid(model, path, args.num_iter, classes=range(min(args.class_num, 10)), per_class=per_class,
                             cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
                             filter_threshold=args.filter_threshold, precision=args.precision, seed=args.seed,
-                            upscale=upscale)
-    print(f"Samples: {path}  (one row per class; checkpoint: {checkpoint.path_in(args.output_dir)})")
+                            upscale=upscale, batch_size=args.gen_bsz if args.gen_bsz != "auto" else None)
+    saved = checkpoint.path_in(args.output_dir)
+    print(f"Samples: {path}  (one row per class" + (f"; checkpoint: {saved})" if os.path.exists(saved) else ")"))
     results = {"samples": path}
     tree = demo_data.tree_settings(args.data_path)
     if tree is not None and tree["img_size"] == args.img_size:

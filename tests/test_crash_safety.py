@@ -1,6 +1,7 @@
 """Crash safety: step checkpoints that resume exactly, torchrun restarts, resumable generation,
 and bad inputs answered with one line that leaves output_dir as it was."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,6 +199,10 @@ def empty_class_folder(data, out):
     os.makedirs(os.path.join(data, "train", "class9"))
 
 
+def no_val_folder(data, out):
+    shutil.rmtree(os.path.join(data, "val"))
+
+
 def stats_without_sigma(data, out):
     np.savez(os.path.join(os.path.dirname(out), "stats.npz"), mu=np.zeros(2048))
 
@@ -218,6 +223,7 @@ BAD_INPUTS = [  # (extra arguments, message fragment, setup(data, out) or None)
     (["--evaluate_nll", "--resume", "/nonexistent"], "evaluation needs a trained model", None),
     (["--resume", "/nonexistent/run"], "no checkpoint-last.pth in --resume /nonexistent/run (no such folder)", None),
     (["--save_last_freq", "0"], "--save_last_freq must be at least 1", None),
+    (["--final_nll"], "no val/ folder in --data_path", no_val_folder),  # found before training, not after
 ]
 
 

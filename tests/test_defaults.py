@@ -39,6 +39,7 @@ def test_demo_is_a_preset_that_resumes_its_own_output_dir():
     assert args.output_dir == "elsewhere" and args.resume == "elsewhere"
     assert main_fractalgen.parse_args(["--demo"]).resume == main_fractalgen.DEMO_DEFAULTS["output_dir"]
     assert main_fractalgen.parse_args(["--demo", "--resume", "old"]).resume == "old"
+    assert main_fractalgen.parse_args(["--dem"]).model == main_fractalgen.DEMO_DEFAULTS["model"]  # abbreviated
     assert main_fractalgen.parse_args([]).resume == ""  # no preset: the release's default
 
 

@@ -239,6 +239,7 @@ def test_demo_preset_writes_the_digits_and_reports_nll_samples_and_digit_check(t
     grid = Image.open(os.path.join(out, "samples.png"))
     assert grid.size[1] > 10 * 16 * 4  # ten rows of 16-pixel samples shown 4× larger
     said = capsys.readouterr().out
+    assert "Nothing to train: the run is at epoch 0 and --epochs is 0" in said and "checkpoint:" not in said
     assert "Samples: " in said and said.index("BPD: ") < said.index("PNG: ") < said.index("Recognised as their")
     digits = results["final_samples"]
     assert 0 <= digits["recognised_share"] <= 1 and 0.85 < digits["real_digits_accuracy"] < 1

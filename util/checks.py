@@ -23,6 +23,16 @@ RANGES = {"blr": (0, None, False, False), "lr": (0, None, False, False), "min_lr
 MAX_SEED = 2 ** 32 - 1 - 1024  # numpy seeds must be < 2**32, and each rank adds its rank
 
 
+def default_device():
+    """--device's default: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_precision(device):
+    """--precision's default: fp16 on CUDA (with a gradient scaler in training, as released), fp32 elsewhere."""
+    return "fp16" if str(device).startswith("cuda") else "fp32"
+
+
 def check_flags(args):
     """Counts, rates and scales, --num_iter_list, --device and the output folders."""
     for flag, low in COUNTS.items():

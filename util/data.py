@@ -28,6 +28,9 @@ def image_folder(data_path, split, img_size, class_num):
             demo_data.write_image_folder(data_path, img_size)
         except FileExistsError as e:
             raise UserError(str(e)) from None
+        except OSError as e:
+            raise UserError(f"cannot write the bundled digits to {data_path} ({e.strerror}): run from a folder "
+                            "you can write to") from None
     root = os.path.join(data_path, split)
     if not os.path.isdir(root):
         raise UserError(f"no {split}/ folder in --data_path {data_path}: expected an ImageFolder tree "

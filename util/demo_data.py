@@ -17,7 +17,6 @@ sha512) with `python -m util.demo_data build`; it needs `npm` and network access
 """
 import argparse
 import base64
-import fcntl
 import hashlib
 import json
 import os
@@ -28,6 +27,11 @@ import tempfile
 
 import numpy as np
 from PIL import Image
+
+try:
+    import fcntl  # POSIX; elsewhere concurrent writers are not serialized
+except ImportError:
+    fcntl = None
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_NPZ = os.path.join(REPO_ROOT, "demo", "data", "mnist_digits.npz")
@@ -186,10 +190,13 @@ def write_image_folder(root, img_size=16, val_per_class=50, binary=True, npz_pat
     images, labels, class_names = load_digits(npz_path)
     settings = {"source": os.path.basename(npz_path), "img_size": img_size, "val_per_class": val_per_class,
                 "binary": binary, "counts": expected_tree(labels, class_names, val_per_class)}
+    if tree_is_complete(root, settings):  # (no lock needed to read: a read-only tree is fine)
+        return root
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, LOCK), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not tree_is_complete(root, settings):
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not tree_is_complete(root, settings):  # another process may have written it meanwhile
             write_tree(root, settings, images, labels, class_names, img_size, val_per_class, binary)
     return root
 

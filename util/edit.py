@@ -25,7 +25,7 @@ from PIL import Image
 
 import util.misc as misc
 from models.layers import imagenet_stats
-from util.checks import check_device, parse_num_iter
+from util.checks import check_device, default_device, default_precision, parse_num_iter
 from util.crop import center_crop_arr
 
 SHAPES = ("center", "left", "right", "top", "bottom", "border")
@@ -165,7 +165,7 @@ def get_args_parser():
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--filter_threshold", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--precision", default=None, choices=["fp16", "bf16", "fp32"],
                    help="autocast precision; default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--upscale", type=int, default=4, help="enlargement of the side-by-side picture")
@@ -193,7 +193,7 @@ def main(args):
     from util.sampling import load_model
     check_device(args.device)
     device = torch.device(args.device)
-    precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
+    precision = args.precision or default_precision(args.device)
     if args.num_samples < 1:
         raise misc.UserError(f"--num_samples must be at least 1, got {args.num_samples}")
     classes = parse_ints(args.classes, "--class")

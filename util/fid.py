@@ -21,7 +21,7 @@ import torch.nn as nn
 from PIL import Image
 from tqdm import tqdm
 
-from util.checks import check_device
+from util.checks import check_device, default_device
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 FEATURE_DIM = 2048
@@ -298,7 +298,7 @@ def main(argv=None):
         p.add_argument("image_dir")
         p.add_argument(second)
         p.add_argument("--inception_weights", default=None, help="local torch-fidelity InceptionV3 weights")
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--device", default=default_device())
         p.add_argument("--batch_size", type=int, default=64)
     args = parser.parse_args(argv)
     try:

@@ -10,13 +10,12 @@ the sampling settings (--num_iter_list, --cfg, --cfg_schedule, --temperature) ar
 import argparse
 import sys
 
-import torch
 
 import util.misc as misc
 from models.fractalgen import RELEASED
-from util.checks import check_device, parse_num_iter
+from util.checks import check_device, default_device, default_precision, parse_num_iter
 from util.download import DownloadError, download_pretrained
-from util.sampling import load_model, save_sample_grid
+from util.sampling import grid_upscale, load_model, save_sample_grid
 
 
 def get_args_parser():
@@ -37,7 +36,7 @@ def get_args_parser():
     p.add_argument("--temperature", type=float, default=None, help="multiplies the logits: above 1 sharpens")
     p.add_argument("--filter_threshold", type=float, default=1e-4, help="with guidance, drop values this unlikely")
     p.add_argument("--seed", type=int, default=0, help="the same seed and device give the same grid")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
+    p.add_argument("--device", default=default_device(), help="cuda, cuda:N or cpu")
     p.add_argument("--precision", default=None, choices=["fp16", "bf16", "fp32"],
                    help="default fp16 on CUDA, fp32 on the CPU")
     p.add_argument("--upscale", type=int, default=None, help="enlarge each sample (nearest); default up to 64 px")
@@ -72,8 +71,8 @@ def sample(args):
     num_iter = parse_num_iter(str(settings["num_iter_list"]))
     if len(num_iter) != model.num_fractal_levels - 1:
         raise misc.UserError(f"--num_iter_list needs {model.num_fractal_levels - 1} values for {settings['model']}")
-    precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
-    upscale = args.upscale or max(1, 64 // model.img_size)
+    precision = args.precision or default_precision(args.device)
+    upscale = args.upscale or grid_upscale(model.img_size)
     save_sample_grid(model, args.output, num_iter, classes, args.per_class, settings["cfg"], settings["cfg_schedule"],
                      settings["temperature"], args.filter_threshold, precision, args.seed, upscale)
     return args.output, settings

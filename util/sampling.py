@@ -63,6 +63,11 @@ def to_pixels(images):
     return (images.float() * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)).clamp(0, 1)
 
 
+def grid_upscale(img_size):
+    """How much a grid enlarges samples by default: small images are shown at 64 pixels or more."""
+    return max(1, 64 // img_size)
+
+
 def class_grid(images, per_row, upscale=1):
     """A (3, H, W) grid of `images` ((n, 3, S, S) in [0, 1]), `per_row` to a row, each image
     enlarged `upscale` times with nearest neighbours so small samples stay crisp on screen."""
@@ -72,11 +77,12 @@ def class_grid(images, per_row, upscale=1):
 
 
 def save_sample_grid(model, path, num_iter_list, classes=None, per_class=8, cfg=1.0, cfg_schedule="linear",
-                     temperature=1.0, filter_threshold=1e-4, precision="fp32", seed=0, upscale=1):
+                     temperature=1.0, filter_threshold=1e-4, precision="fp32", seed=0, upscale=1, batch_size=None):
     """Sample `per_class` images of each class in `classes` (default: every class) and write
     them to `path` as a PNG with one row per class; returns the (3, H, W) grid.
 
-    `seed` fixes the samples, so a rerun of the demo gives the same picture."""
+    `seed` fixes the samples, so a rerun of the demo gives the same picture; `batch_size` images at
+    most per sampling call (default: all in one)."""
     classes = list(range(model.num_classes)) if classes is None else list(classes)
     labels = torch.tensor(classes).repeat_interleave(per_class)
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
@@ -84,8 +90,9 @@ def save_sample_grid(model, path, num_iter_list, classes=None, per_class=8, cfg=
         device = next(model.parameters()).device
         if device.type == "cuda":
             torch.cuda.manual_seed(seed)
-        images = sample_classes(model, labels, num_iter_list, cfg, cfg_schedule, temperature, filter_threshold,
-                                precision)
+        images = torch.cat([sample_classes(model, batch, num_iter_list, cfg, cfg_schedule, temperature,
+                                           filter_threshold, precision)
+                            for batch in labels.split(batch_size or len(labels))])
     grid = class_grid(images, per_class, upscale)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     vutils.save_image(grid, path)
