@@ -62,3 +62,14 @@ def test_readme_table_of_released_models():
         row = f"| {name} | {r['params']:.2f}M | {r['num_conds']} | {'yes' if r['guiding_pixel'] else 'no'} | " \
               f"{r['num_iter_list']} | {r['cfg']} | {r['temperature']} | {r['fid']:.2f} | {r['inception_score']} |"
         assert row in README, row
+
+
+def test_quick_start_caption_states_the_demo_preset():
+    """The picture's caption restates the preset that drew it: it must follow DEMO_DEFAULTS."""
+    d = main_fractalgen.DEMO_DEFAULTS
+    caption = re.search(r"\*What the Quick start below gives:(.*?)\*", README, flags=re.S).group(1)
+    caption = " ".join(caption.split())
+    expected = [d["model"], f"{d['epochs']} epochs", f"cfg {d['cfg']} {d['cfg_schedule']}",
+                f"temperature {d['temperature']}"] + (["without flips"] if d["no_flip"] else [])
+    assert all(fact in caption for fact in expected), (expected, caption)
+    assert f"`--final_samples {d['final_samples']}`" in README  # the preset's list in the Quick start
