@@ -182,7 +182,7 @@ def generate(model_without_ddp, args, device):
     bar = tqdm(total=args.num_images, initial=kept, unit="img", desc="Generation", smoothing=0,
                disable=not misc.is_main_process())
 
-    def make(first, missing, bsz):
+    def make(first, bsz):
         """The images of the batch starting at `first` (uint8, n×h×w×3)."""
         idx = torch.arange(first, min(first + bsz, args.num_images))
         try:
@@ -204,16 +204,12 @@ def generate(model_without_ddp, args, device):
     start, made = time.time(), 0
     try:
         if auto:
-            bsz, todo = choose_gen_bsz(bsz, todo, make, folder, args, valid, device)
-            if todo and todo[0][2] is not None:  # the first batch, made while measuring
-                first, missing, images = todo.pop(0)
-                write(first, missing, images)
-                made += len(missing)
-        for first, missing, _ in todo:
+            bsz, todo, made = choose_gen_bsz(bsz, todo, make, write, folder, args, valid, device)
+        for first, missing in todo:
             if stop.requested():  # per rank: ranks may have different numbers of batches left
                 raise stop.Stopped(stop.requested(), f"stopped by {stop.name(stop.requested())}: the images "
                                    f"written so far are kept in {folder}; run the same command to continue")
-            write(first, missing, make(first, missing, bsz))
+            write(first, missing, make(first, bsz))
             made += len(missing)
     except BaseException:
         bar.close()  # a stopped or failed run leaves its bar where it stood, not at interpreter exit
@@ -226,7 +222,7 @@ def generate(model_without_ddp, args, device):
 
 def pending_batches(folder, args, bsz, valid):
     """This rank's batches of `bsz` images (every world_size-th) that miss a valid PNG, as
-    (first index, set of missing indices, None), and how many of its images are there already."""
+    (first index, set of missing indices), and how many of its images are there already."""
     todo, kept = [], 0
     for first in list(range(0, args.num_images, bsz))[misc.get_rank()::misc.get_world_size()]:
         indices = range(first, min(first + bsz, args.num_images))
@@ -236,7 +232,7 @@ def pending_batches(folder, args, bsz, valid):
         missing = {i for i in indices if not valid[i]}
         kept += len(indices) - len(missing)
         if missing:
-            todo.append((first, missing, None))
+            todo.append((first, missing))
     return todo, kept
 
 
@@ -254,16 +250,16 @@ def first_auto_gen_bsz(args, device):
     return start
 
 
-def choose_gen_bsz(bsz, todo, make, folder, args, valid, device):
+def choose_gen_bsz(bsz, todo, make, write, folder, args, valid, device):
     """--gen_bsz auto: every process makes its first pending batch at `bsz`; if any runs out of
-    memory, all halve and try again. Returns the batch size and the batches to do at it, the first
-    carrying its images. Batches of another size draw other images: the choice is printed."""
+    memory, all halve and try again. The batch that fitted is written; returns the batch size, the
+    batches left to do at it and how many images were written. Batches of another size draw other
+    images: the choice is printed."""
     while True:
         images, ok = None, True
         if todo:
-            first, missing, _ = todo[0]
             try:
-                images = make(first, missing, bsz)
+                images = make(todo[0][0], bsz)
             except torch.OutOfMemoryError:
                 ok = False
         if misc.all_ranks_ok(ok, device):
@@ -280,9 +276,11 @@ def choose_gen_bsz(bsz, todo, make, folder, args, valid, device):
         print(f"Generation: --gen_bsz auto chose {bsz} images per batch and process (these images; "
               f"--gen_bsz {bsz} gives the same ones)", flush=True)
     args.gen_bsz = bsz  # later evaluations (--online_eval) keep it
-    if todo:
-        todo[0] = (todo[0][0], todo[0][1], images)
-    return bsz, todo
+    if not todo:
+        return bsz, todo, 0
+    first, missing = todo[0]
+    write(first, missing, images)
+    return bsz, todo[1:], len(missing)
 
 
 def report_generation_speed(bar, kept, made, seconds, device):

@@ -26,7 +26,7 @@ import util.stop as stop  # noqa: E402
 from engine_fractalgen import evaluate_gen, evaluate_nll, generation_labels, train_one_epoch  # noqa: E402
 from models.fractalgen import MODELS, RELEASED, build_model, compile_blocks  # noqa: E402
 from util import demo_data  # noqa: E402
-from util.checks import check_flags, default_device, default_precision  # noqa: E402
+from util.checks import check_flags, default_device, default_precision, parse_num_iter  # noqa: E402
 from util.data import eval_loader, image_folder, train_loader  # noqa: E402
 
 
@@ -169,7 +169,6 @@ def parse_args(argv=None):
     """The command line; with --demo, the demo's settings replace the defaults, and the demo
     continues the run in its own --output_dir unless --resume says otherwise."""
     parser = get_args_parser()
-    argv = sys.argv[1:] if argv is None else argv
     parser.error = one_line_error
     args = parser.parse_args(argv)
     if args.demo:  # parsed again over the preset's defaults (also when --demo was abbreviated)
@@ -221,9 +220,7 @@ def build(args):
     if model.img_size != args.img_size:
         raise misc.UserError(f"--model {args.model} makes {model.img_size}×{model.img_size} images but --img_size is "
                              f"{args.img_size}; pass --img_size {model.img_size}")
-    if len(args.num_iter) != model.num_fractal_levels - 1:
-        raise misc.UserError(f"--num_iter_list needs {model.num_fractal_levels - 1} values for {args.model}, "
-                             f"got {args.num_iter_list!r}")
+    parse_num_iter(args.num_iter_list, model.num_fractal_levels - 1, args.model)
     return model
 
 
@@ -325,14 +322,14 @@ def main(args):
             if log_writer is not None:
                 log_writer.flush()
             done, left = epoch + 1 - start_epoch, args.epochs - epoch - 1
-            print_rank0(f"Epoch {epoch} done; {elapsed(start)} so far, ETA of the run "
-                        f"{time.strftime('%H:%M:%S', time.gmtime((time.time() - start) / done * left))}")
-    print_rank0(f"Training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - start))}")
+            so_far = time.time() - start
+            print_rank0(f"Epoch {epoch} done; {hms(so_far)} so far, ETA of the run {hms(so_far / done * left)}")
+    print_rank0(f"Training time {hms(time.time() - start)}")
     report_after_training(model, model_without_ddp, dataset_val, args, device, world, rank, log_writer)
 
 
-def elapsed(start):
-    return time.strftime("%H:%M:%S", time.gmtime(time.time() - start))
+def hms(seconds):
+    return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
 def report_nll(model, dataset_val, args, device, world, rank, log_writer=None, epoch=None):

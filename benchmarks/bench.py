@@ -207,12 +207,16 @@ class Workload:
             if hasattr(module, "grad_checkpointing"):
                 module.grad_checkpointing = flag
 
-    def train_step(self, ckpt=False):
-        torch.manual_seed(self.args.seed)
-        self.set_grad_checkpointing(ckpt)
+    def train_loss(self, seed):
+        """The training-mode loss of the first train_batch images, with dropout and masks seeded."""
+        torch.manual_seed(seed)
         n = self.args.train_batch
         with self.autocast():
-            loss = self.train_model(self.images[:n], self.labels[:n])
+            return self.train_model(self.images[:n], self.labels[:n])
+
+    def train_step(self, ckpt=False):
+        self.set_grad_checkpointing(ckpt)
+        loss = self.train_loss(self.args.seed)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -221,13 +225,8 @@ class Workload:
     def train_losses(self, count):
         """Training-mode losses (no step) for seeds seed .. seed + count - 1: to compare implementations
         whose dropout and mask draws differ, by the mean and its standard error."""
-        losses = []
-        for seed in range(self.args.seed, self.args.seed + count):
-            torch.manual_seed(seed)
-            n = self.args.train_batch
-            with torch.no_grad(), self.autocast():
-                losses.append(float(self.train_model(self.images[:n], self.labels[:n])))
-        return losses
+        with torch.no_grad():
+            return [float(self.train_loss(seed)) for seed in range(self.args.seed, self.args.seed + count)]
 
     def nll(self):
         torch.manual_seed(self.args.seed)

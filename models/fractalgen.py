@@ -228,30 +228,28 @@ fractalmar_huge_in256 = _config((256, 16, 4, 1), (1280, 640, 320, 64), (40, 10, 
 # the released state dict, in millions). The release states only cfg for Base: it samples with the
 # 256×256 models' temperature.
 DROPBOX = "https://www.dropbox.com/scl/fi"
+_IN64 = dict(guiding_pixel=False, img_size=64, num_iter_list="64,16", cfg_schedule="linear")
+_IN256 = dict(num_conds=5, guiding_pixel=True, img_size=256, num_iter_list="64,16,16", cfg_schedule="linear",
+              temperature=1.1)
 RELEASED = {
     "fractalar_in64": dict(
-        config=fractalar_in64, num_conds=1, guiding_pixel=False, img_size=64,
-        num_iter_list="64,16", cfg=11.0, cfg_schedule="linear", temperature=1.03, fid=5.30, inception_score=56.8,
+        _IN64, config=fractalar_in64, num_conds=1, cfg=11.0, temperature=1.03, fid=5.30, inception_score=56.8,
         params=442.07, url=f"{DROPBOX}/n25tbij7aqkwo1ypqhz72/checkpoint-last.pth"
             "?rlkey=2czevgex3ocg2ae8zde3xpb3f&st=mj0subup&dl=0"),
     "fractalmar_in64": dict(
-        config=fractalmar_in64, num_conds=5, guiding_pixel=False, img_size=64,
-        num_iter_list="64,16", cfg=6.5, cfg_schedule="linear", temperature=1.02, fid=2.72, inception_score=87.9,
+        _IN64, config=fractalmar_in64, num_conds=5, cfg=6.5, temperature=1.02, fid=2.72, inception_score=87.9,
         params=432.00, url=f"{DROPBOX}/lh7fmv48pusujd6m4kcdn/checkpoint-last.pth"
             "?rlkey=huihey61ok32h28o3tbbq6ek9&st=fxtoawba&dl=0"),
     "fractalmar_base_in256": dict(
-        config=fractalmar_base_in256, num_conds=5, guiding_pixel=True, img_size=256,
-        num_iter_list="64,16,16", cfg=29.0, cfg_schedule="linear", temperature=1.1, fid=11.80, inception_score=274.3,
+        _IN256, config=fractalmar_base_in256, cfg=29.0, fid=11.80, inception_score=274.3,
         params=186.30, url=f"{DROPBOX}/zrdm7853ih4tcv98wmzhe/checkpoint-last.pth"
             "?rlkey=htq9yuzovet7d6ioa64s1xxd0&st=4c4d93vs&dl=0"),
     "fractalmar_large_in256": dict(
-        config=fractalmar_large_in256, num_conds=5, guiding_pixel=True, img_size=256,
-        num_iter_list="64,16,16", cfg=21.0, cfg_schedule="linear", temperature=1.1, fid=7.30, inception_score=334.9,
+        _IN256, config=fractalmar_large_in256, cfg=21.0, fid=7.30, inception_score=334.9,
         params=437.00, url=f"{DROPBOX}/y1k05xx7ry8521ckxkqgt/checkpoint-last.pth"
             "?rlkey=wolq4krdq7z7eyjnaw5ndhq6k&st=vjeu5uzo&dl=0"),
     "fractalmar_huge_in256": dict(
-        config=fractalmar_huge_in256, num_conds=5, guiding_pixel=True, img_size=256,
-        num_iter_list="64,16,16", cfg=19.0, cfg_schedule="linear", temperature=1.1, fid=6.15, inception_score=348.9,
+        _IN256, config=fractalmar_huge_in256, cfg=19.0, fid=6.15, inception_score=348.9,
         params=849.59, url=f"{DROPBOX}/t2rru8xr6wm23yvxskpww/checkpoint-last.pth"
             "?rlkey=dn9ss9zw4zsnckf6bat9hss6h&st=y7w921zo&dl=0"),
 }

@@ -90,8 +90,9 @@ def describe_range(low, high, low_ok, high_ok):
     return f"in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
 
 
-def parse_num_iter(text):
-    """--num_iter_list as a list of step counts, each at least 1."""
+def parse_num_iter(text, levels=None, model=None):
+    """--num_iter_list as a list of step counts, each at least 1; with `levels`, exactly that many (one per
+    generator level of `model`, a name for the message)."""
     try:
         steps = [int(n) for n in text.split(",")]
     except ValueError:
@@ -99,6 +100,8 @@ def parse_num_iter(text):
     if min(steps) < 1:
         raise UserError(f"every entry of --num_iter_list must be at least 1 (a level with no steps generates "
                         f"nothing), got {text!r}")
+    if levels is not None and len(steps) != levels:
+        raise UserError(f"--num_iter_list needs {levels} values for {model}, got {text!r}")
     return steps
 
 

@@ -211,10 +211,8 @@ def main(args):
     bad = [c for c in classes if not 0 <= c < settings["class_num"]]
     if bad:
         raise misc.UserError(f"unknown class {bad[0]}: this model has classes 0..{settings['class_num'] - 1}")
-    num_iter_list = parse_num_iter(args.num_iter_list or settings["num_iter_list"])
-    if len(num_iter_list) != model.num_fractal_levels - 1:
-        raise misc.UserError(f"--num_iter_list needs {model.num_fractal_levels - 1} values for {settings['model']}, "
-                             f"got {args.num_iter_list}")
+    num_iter_list = parse_num_iter(args.num_iter_list or settings["num_iter_list"], model.num_fractal_levels - 1,
+                                   settings["model"])
     image = load_image(args.image, size)
     unknown = make_mask(args.mask, size, args.image)
     if not unknown.any():

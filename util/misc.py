@@ -107,8 +107,7 @@ def all_reduce_max(tensor):
 
 def all_ranks_ok(ok, device):
     """True only if `ok` holds on every rank (so that all ranks stop together)."""
-    flag = torch.tensor([0.0 if ok else 1.0], device=device)
-    return all_reduce_sum(flag).item() == 0
+    return all_reduce_max(torch.tensor([0.0 if ok else 1.0], device=device)).item() == 0
 
 
 def autocast(device, precision):

@@ -10,7 +10,6 @@ the sampling settings (--num_iter_list, --cfg, --cfg_schedule, --temperature) ar
 import argparse
 import sys
 
-
 import util.misc as misc
 from models.fractalgen import RELEASED
 from util.checks import check_device, default_device, default_precision, parse_num_iter
@@ -68,9 +67,7 @@ def sample(args):
                              "e.g. --classes 207,360,388")
     if min(classes) < 0 or max(classes) >= model.num_classes:
         raise misc.UserError(f"--classes must lie in [0, {model.num_classes}) for this model, got {args.classes}")
-    num_iter = parse_num_iter(str(settings["num_iter_list"]))
-    if len(num_iter) != model.num_fractal_levels - 1:
-        raise misc.UserError(f"--num_iter_list needs {model.num_fractal_levels - 1} values for {settings['model']}")
+    num_iter = parse_num_iter(str(settings["num_iter_list"]), model.num_fractal_levels - 1, settings["model"])
     precision = args.precision or default_precision(args.device)
     upscale = args.upscale or grid_upscale(model.img_size)
     save_sample_grid(model, args.output, num_iter, classes, args.per_class, settings["cfg"], settings["cfg_schedule"],

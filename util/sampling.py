@@ -27,11 +27,8 @@ def load_model(checkpoint_path, device="cpu", model_name=None):
                         guiding_pixel=args.guiding_pixel, num_iter_list=args.num_iter_list, cfg=args.cfg,
                         cfg_schedule=args.cfg_schedule, temperature=args.temperature)
     elif model_name in RELEASED:
-        released = RELEASED[model_name]
-        settings = dict(model=model_name, class_num=1000, num_conds=released["num_conds"],
-                        guiding_pixel=released["guiding_pixel"], num_iter_list=released["num_iter_list"],
-                        cfg=released["cfg"], cfg_schedule=released["cfg_schedule"],
-                        temperature=released["temperature"])
+        settings = dict(model=model_name, class_num=1000, **{k: RELEASED[model_name][k] for k in (
+            "num_conds", "guiding_pixel", "num_iter_list", "cfg", "cfg_schedule", "temperature")})
     else:
         raise misc.UserError(f"{checkpoint_path} does not say which model it holds (no 'args'); pass model_name, "
                              f"one of {', '.join(RELEASED)}")
