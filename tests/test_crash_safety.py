@@ -16,7 +16,7 @@ import engine_fractalgen
 import main_fractalgen
 import util.checkpoint as checkpoint
 import util.misc as misc
-from helpers import MODEL_ARGS, ROOT, run, save_random_checkpoint, write_image_folder
+from helpers import MODEL_ARGS, ROOT, generate_pngs, run, write_image_folder
 from models.fractalgen import build_model
 from util.data import EpochSampler, image_folder
 
@@ -122,18 +122,8 @@ def test_torchrun_restarts_after_a_worker_is_killed(data, tmp_path):
 
 
 # ----------------------------------------------------------------------------- generation
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A folder holding a checkpoint of fractalmar_tiny_in16 with random weights."""
-    return save_random_checkpoint(str(tmp_path_factory.mktemp("trained")))
-
-
 def generate(trained, out, *extra):
-    argv = MODEL_ARGS + ["--resume", trained, "--output_dir", out, "--evaluate_gen", "--num_images", "6",
-                         "--gen_bsz", "2", "--num_iter_list", "2,2", "--cfg", "2.0", "--fid_stats", "none"]
-    main_fractalgen.main(parse(argv + list(extra)))
-    folder = engine_fractalgen.generation_folder(parse(argv + ["--output_dir", out]))
-    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder)) if f.endswith(".png")}
+    return generate_pngs(trained, out, "--gen_bsz", "2", "--cfg", "2.0", *extra)[0]
 
 
 def test_generation_resumes_with_the_same_images(trained, tmp_path, monkeypatch, capsys):

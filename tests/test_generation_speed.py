@@ -1,5 +1,4 @@
 """--evaluate_gen at scale: the progress bar and speed line, --gen_bsz auto and out-of-memory messages."""
-import os
 
 import pytest
 import torch
@@ -8,27 +7,12 @@ import engine_fractalgen
 import main_fractalgen
 from util.checks import check_flags
 from util.misc import UserError
-from helpers import MODEL_ARGS, save_random_checkpoint
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A folder holding a checkpoint of fractalmar_tiny_in16 with random weights."""
-    return save_random_checkpoint(str(tmp_path_factory.mktemp("trained")))
-
-
-def gen_args(trained, out, *extra):
-    argv = MODEL_ARGS + ["--resume", trained, "--output_dir", out, "--evaluate_gen", "--num_images", "6",
-                         "--num_iter_list", "2,2", "--cfg", "2.0", "--fid_stats", "none"]
-    return main_fractalgen.get_args_parser().parse_args(argv + list(extra))
+from helpers import generate_pngs
 
 
 def generate(trained, out, *extra):
-    """Run --evaluate_gen; returns the PNG files' bytes by name and the args after the run."""
-    args = gen_args(trained, out, *extra)
-    main_fractalgen.main(args)
-    folder = engine_fractalgen.generation_folder(args)
-    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder)) if f.endswith(".png")}, args
+    """Run --evaluate_gen (cfg 2.0); returns the PNG files' bytes by name and the args after the run."""
+    return generate_pngs(trained, out, "--cfg", "2.0", *extra)
 
 
 def out_of_memory_above(monkeypatch, max_images):

@@ -19,7 +19,7 @@ import main_fractalgen
 import util.checkpoint as checkpoint
 import util.misc as misc
 import util.stop as stop
-from helpers import MODEL_ARGS, ROOT, run, write_image_folder
+from helpers import MODEL_ARGS, ROOT, generate_pngs, run, write_image_folder
 from models.fractalgen import build_model
 from util.data import image_folder
 
@@ -240,22 +240,8 @@ def test_signals_outside_a_safe_section():
 
 
 def generate(trained, out, *extra):
-    argv = MODEL_ARGS + ["--resume", trained, "--output_dir", out, "--evaluate_gen", "--num_images", "6",
-                         "--gen_bsz", "2", "--num_iter_list", "2,2", "--fid_stats", "none"] + list(extra)
-    main_fractalgen.main(parse(argv))
-    folder = engine_fractalgen.generation_folder(parse(argv))
-    return folder, {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))
-                    if f.endswith(".png")}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("trained"))
-    torch.manual_seed(0)
-    model = build_model("fractalmar_tiny_in16", class_num=3, num_conds=5, guiding_pixel=True)
-    checkpoint.atomic_save({"model": model.state_dict(), "args": parse(MODEL_ARGS + ["--num_iter_list", "2,2"])},
-                           checkpoint.path_in(folder))
-    return folder
+    pngs, args = generate_pngs(trained, out, "--gen_bsz", "2", *extra)
+    return engine_fractalgen.generation_folder(args), pngs
 
 
 def test_generation_stops_between_batches_keeping_its_images(trained, tmp_path, monkeypatch):
