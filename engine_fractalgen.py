@@ -1,21 +1,14 @@
 """The training, NLL and generation loops."""
-import json
 import math
-import os
-import time
 
-import numpy as np
 import torch
-from PIL import Image
-from tqdm.auto import tqdm
 
 import util.checkpoint as checkpoint
 import util.lr_sched as lr_sched
 import util.misc as misc
+import util.png_folder as png_folder
 import util.stop as stop
 from util.misc import autocast
-from util.fast_sampling import compile_sampling
-from util.sampling import sample_classes
 
 
 def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, device, epoch, log_writer, args,
@@ -105,216 +98,10 @@ def evaluate_nll(model, data_loader, device, args):
     return (totals[0] / totals[1]).item()
 
 
-def generation_labels(num_images, class_num):
-    """Class of each image: num_images split equally over the classes, in order."""
-    if num_images % class_num:
-        raise misc.UserError(f"--num_images {num_images} must be divisible by --class_num {class_num} "
-                             "(images are split equally over classes)")
-    return torch.arange(num_images) // (num_images // class_num)
-
-
-def generation_folder(args):
-    return os.path.join(args.output_dir, f"ariter{args.num_iter_list.replace(',', '-')}-temp{args.temperature}-"
-                                         f"{args.cfg_schedule}cfg{args.cfg}-filter{args.filter_threshold}-"
-                                         f"image{args.num_images}-res{args.img_size}")
-
-
-def weights_fingerprint(model):
-    """A number that changes with any weight: tells whether a folder's images came from this model."""
-    sums = [(i + 1) * t.detach().double().sum() for i, t in enumerate(model.state_dict().values())]
-    return f"{torch.stack(sums).sum().item():.12e}"
-
-
-def is_valid_png(path, size):
-    """An image file that decodes completely to size×size RGB (a killed writer leaves no such file)."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.size == (size, size) and img.mode == "RGB"
-    except (OSError, ValueError):
-        return False
-
-
-def prepare_generation_folder(folder, model_without_ddp, args):
-    """Rank 0: make the folder, drop half-written files, and if its images came from other weights
-    (an earlier checkpoint, e.g. the previous --online_eval), remove them; record these weights."""
-    if not misc.is_main_process():
-        return
-    os.makedirs(folder, exist_ok=True)
-    manifest_path = os.path.join(folder, "generation.json")
-    manifest = {"model": args.model, "weights": weights_fingerprint(model_without_ddp)}
-    old = json.load(open(manifest_path)) if os.path.exists(manifest_path) else None
-    pngs = [f for f in os.listdir(folder) if f.endswith(".png")]
-    stale = [f for f in os.listdir(folder) if ".tmp" in f] + (pngs if old != manifest else [])  # only we write here
-    if old != manifest and pngs:
-        print(f"Removing {len(pngs)} images in {folder}: they came from other weights", flush=True)
-    for f in stale:
-        os.remove(os.path.join(folder, f))
-    with misc.write_atomically(manifest_path) as f:
-        f.write(json.dumps(manifest).encode())
-
-
-def batch_seed(seed, first_index):
-    """The random seed of the batch starting at image `first_index`: a batch's images depend only on
-    (seed, batch, device), not on the number of ranks or on which batches were generated before."""
-    return int(np.random.SeedSequence([seed, first_index]).generate_state(1)[0])
-
-
-@torch.no_grad()
-def generate(model_without_ddp, args, device):
-    """Make sure the folder holds num_images class-balanced PNGs: images already there and valid are
-    kept, the batches with missing or broken ones are generated again (with their own seeds, so the
-    same images come out). Returns the folder and seconds per generated image."""
-    model_without_ddp.eval()
-    compile_sampling(model_without_ddp, args.compile_sampling)
-    folder = generation_folder(args)
-    prepare_generation_folder(folder, model_without_ddp, args)
-    misc.barrier()
-    labels = generation_labels(args.num_images, args.class_num)
-    valid = {}  # image index -> whether a good PNG is there, checked once
-    auto = args.gen_bsz == "auto"
-    bsz = first_auto_gen_bsz(args, device) if auto else args.gen_bsz
-    todo, kept = pending_batches(folder, args, bsz, valid)
-    kept = int(misc.all_reduce_sum(torch.tensor([kept], device=device)).item())
-    if misc.is_main_process():
-        print(f"Generation: kept {kept} of {args.num_images} images already in {folder}; "
-              f"generating {args.num_images - kept}", flush=True)
-    bar = tqdm(total=args.num_images, initial=kept, unit="img", desc="Generation", smoothing=0,
-               disable=not misc.is_main_process())
-
-    def make(first, bsz):
-        """The images of the batch starting at `first` (uint8, n×h×w×3)."""
-        idx = torch.arange(first, min(first + bsz, args.num_images))
-        try:
-            return sample_batch(model_without_ddp, labels[idx].to(device), args.num_iter, args, device,
-                                batch_seed(args.seed, first))
-        except torch.OutOfMemoryError:
-            if auto:
-                raise
-            raise misc.UserError(f"--gen_bsz {bsz} does not fit in the memory of {device}: pass a smaller "
-                                 f"--gen_bsz (e.g. {max(bsz // 2, 1)}), or --gen_bsz auto to use the largest "
-                                 "that fits") from None
-
-    def write(first, missing, images):
-        for index, img in enumerate(images, start=first):
-            if index in missing:
-                write_png(img, os.path.join(folder, f"{index:05d}.png"))
-        bar.update(min(len(missing) * misc.get_world_size(), bar.total - bar.n))  # rank 0's share, times ranks
-
-    start, made = time.time(), 0
-    try:
-        if auto:
-            bsz, todo, made = choose_gen_bsz(bsz, todo, make, write, folder, args, valid, device)
-        for first, missing in todo:
-            if stop.requested():  # per rank: ranks may have different numbers of batches left
-                raise stop.Stopped(stop.requested(), f"stopped by {stop.name(stop.requested())}: the images "
-                                   f"written so far are kept in {folder}; run the same command to continue")
-            write(first, missing, make(first, bsz))
-            made += len(missing)
-    except BaseException:
-        bar.close()  # a stopped or failed run leaves its bar where it stood, not at interpreter exit
-        raise
-    misc.barrier()
-    seconds = time.time() - start
-    report_generation_speed(bar, kept, made, seconds, device)
-    return folder, seconds / max(made, 1)
-
-
-def pending_batches(folder, args, bsz, valid):
-    """This rank's batches of `bsz` images (every world_size-th) that miss a valid PNG, as
-    (first index, set of missing indices), and how many of its images are there already."""
-    todo, kept = [], 0
-    for first in list(range(0, args.num_images, bsz))[misc.get_rank()::misc.get_world_size()]:
-        indices = range(first, min(first + bsz, args.num_images))
-        for i in indices:
-            if i not in valid:
-                valid[i] = is_valid_png(os.path.join(folder, f"{i:05d}.png"), args.img_size)
-        missing = {i for i in indices if not valid[i]}
-        kept += len(indices) - len(missing)
-        if missing:
-            todo.append((first, missing))
-    return todo, kept
-
-
-# --gen_bsz auto starts here, capped by the images per process, and halves on out-of-memory; on the
-# CPU (where running out of memory is not an exception) it stays at 256.
-AUTO_GEN_BSZ, AUTO_GEN_BSZ_CPU = 1024, 256
-
-
-def first_auto_gen_bsz(args, device):
-    """The first batch size --gen_bsz auto tries: a power of two, no more than a process's images."""
-    start = AUTO_GEN_BSZ_CPU if device.type == "cpu" else AUTO_GEN_BSZ
-    per_process = -(-args.num_images // misc.get_world_size())
-    while start > 1 and start // 2 >= per_process:
-        start //= 2
-    return start
-
-
-def choose_gen_bsz(bsz, todo, make, write, folder, args, valid, device):
-    """--gen_bsz auto: every process makes its first pending batch at `bsz`; if any runs out of
-    memory, all halve and try again. The batch that fitted is written; returns the batch size, the
-    batches left to do at it and how many images were written. Batches of another size draw other
-    images: the choice is printed."""
-    while True:
-        images, ok = None, True
-        if todo:
-            try:
-                images = make(todo[0][0], bsz)
-            except torch.OutOfMemoryError:
-                ok = False
-        if misc.all_ranks_ok(ok, device):
-            break
-        images = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if bsz == 1:
-            raise misc.UserError(f"one image at a time does not fit in the memory of {device}: free memory "
-                                 "(other processes on this device?) or use a larger device")
-        bsz //= 2
-        todo = pending_batches(folder, args, bsz, valid)[0]
-    if misc.is_main_process():
-        print(f"Generation: --gen_bsz auto chose {bsz} images per batch and process (these images; "
-              f"--gen_bsz {bsz} gives the same ones)", flush=True)
-    args.gen_bsz = bsz  # later evaluations (--online_eval) keep it
-    if not todo:
-        return bsz, todo, 0
-    first, missing = todo[0]
-    write(first, missing, images)
-    return bsz, todo[1:], len(missing)
-
-
-def report_generation_speed(bar, kept, made, seconds, device):
-    """Close the progress bar at the exact count and print images/s over all processes and per process."""
-    made_all = int(misc.all_reduce_sum(torch.tensor([made], device=device)).item())
-    bar.n = kept + made_all
-    bar.refresh()
-    bar.close()
-    if misc.is_main_process() and made_all:
-        world = misc.get_world_size()
-        print(f"Generation: {made_all} images in {seconds:.1f} s: {made_all / seconds:.3f} images/s, "
-              f"{made_all / seconds / world:.3f} images/s per process ({world} process(es))", flush=True)
-
-
-def sample_batch(model_without_ddp, labels, num_iter_list, args, device, seed):
-    """uint8 (n, h, w, 3) images of the given classes, drawn from `seed` without touching the
-    training random state."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        images = sample_classes(model_without_ddp, labels, num_iter_list, args.cfg, args.cfg_schedule,
-                                args.temperature, args.filter_threshold, args.precision)
-    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def write_png(pixels, path):
-    """Save through a temporary name, so a killed process never leaves a half-written image (not fsynced:
-    a rerun checks every image anyway)."""
-    with misc.write_atomically(path, sync=False) as f:
-        Image.fromarray(pixels).save(f, format="PNG")
-
-
-def evaluate_gen(model_without_ddp, args, device, epoch, log_writer):
-    """Generate, then (rank 0) FID and Inception Score against --fid_stats; returns the results."""
-    folder, seconds_per_image = generate(model_without_ddp, args, device)
+def evaluate_gen(model_without_ddp, args, device, epoch, log_writer, sampling, gen_bsz):
+    """Generate args.num_images into their PNG folder (util.png_folder), then (rank 0) FID and Inception
+    Score against --fid_stats; returns the results, with the batch size used ("auto" resolved)."""
+    folder, gen_bsz, seconds_per_image = png_folder.generate(model_without_ddp, args, device, sampling, gen_bsz)
     results = {"images": folder, "num_images": args.num_images, "seconds_per_image": seconds_per_image,
                "epoch": epoch}
     if misc.is_main_process():
@@ -328,16 +115,7 @@ def evaluate_gen(model_without_ddp, args, device, epoch, log_writer):
                 log_writer.add_scalar("fid", scores["fid"], epoch)
                 log_writer.add_scalar("is", scores["inception_score"], epoch)
         if log_writer is not None:
-            log_writer.add_image("samples", folder_grid(folder, args.num_images), epoch)
+            log_writer.add_image("samples", png_folder.grid_of(folder, args.num_images), epoch)
         misc.update_results(args.output_dir, generation=results)
     misc.barrier()
-    return results
-
-
-def folder_grid(folder, num_images, show=64):
-    """A (3, H, W) grid of the first `show` generated images spread over the classes (for TensorBoard)."""
-    import torchvision.utils as vutils
-    picks = np.linspace(0, num_images - 1, min(show, num_images)).round().astype(int)
-    images = [torch.from_numpy(np.asarray(Image.open(os.path.join(folder, f"{i:05d}.png")).convert("RGB")).copy())
-              for i in picks]
-    return vutils.make_grid(torch.stack(images).permute(0, 3, 1, 2), nrow=8, padding=2)
+    return dict(results, gen_bsz=gen_bsz)

@@ -23,51 +23,44 @@ import torch  # noqa: E402
 import util.checkpoint as checkpoint  # noqa: E402
 import util.misc as misc  # noqa: E402
 import util.stop as stop  # noqa: E402
-from engine_fractalgen import evaluate_gen, evaluate_nll, generation_labels, train_one_epoch  # noqa: E402
+from engine_fractalgen import evaluate_gen, evaluate_nll, train_one_epoch  # noqa: E402
 from models.fractalgen import MODELS, RELEASED, build_model, compile_blocks  # noqa: E402
 from util import demo_data  # noqa: E402
-from util.checks import check_flags, default_device, default_precision, parse_num_iter  # noqa: E402
 from util.data import eval_loader, image_folder, train_loader  # noqa: E402
+from util.flags import (Parser, add_device_flags, add_sampling_flags, check_precision, check_writable_folder,  # noqa: E402
+                        count, default_precision, number, parse_num_iter)
+from util.sampling import COMPILE_SCOPES  # noqa: E402
 
 
-def gen_bsz(value):
-    """--gen_bsz: an integer (checked with the other counts in util/checks.py), or 'auto'."""
-    if value == "auto":
-        return value
+def gen_bsz(text):
+    """--gen_bsz: images per batch and process, or auto."""
+    if text == "auto":
+        return text
     try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {value!r}") from None
+        return count(1)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text!r}") from None
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(
-        "FractalGen", add_help=True, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog=f"models: {', '.join(MODELS)} (released: {', '.join(RELEASED)})")
-    p.add_argument("--batch_size", default=64, type=int, help="images per process and step; the effective batch "
-                   "is batch_size × number of processes")
-    p.add_argument("--epochs", default=400, type=int, help="training epochs in all (a resumed run stops there too)")
-    p.add_argument("--model", default="fractalmar_in64", type=str, metavar="MODEL",
+    p = Parser("FractalGen", add_help=True, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+               epilog=f"models: {', '.join(MODELS)} (released: {', '.join(RELEASED)})")
+    p.add_argument("--batch_size", default=64, type=count(1), help="images per process and step; the effective "
+                   "batch is batch_size × number of processes")
+    p.add_argument("--epochs", default=400, type=count(0), help="training epochs in all (a resumed run stops there too)")
+    p.add_argument("--model", default="fractalmar_in64", choices=list(MODELS), metavar="MODEL",
                    help="configuration to build (names below)")
-    p.add_argument("--img_size", default=64, type=int, help="image side in pixels; must be the model's")
+    p.add_argument("--img_size", default=64, type=count(1), help="image side in pixels; must be the model's")
     # generation
-    p.add_argument("--num_iter_list", default="64,16", type=str,
-                   help="sampling steps of each generator level, outermost first, comma-separated")
-    p.add_argument("--num_images", default=50000, type=int,
+    add_sampling_flags(p)
+    p.add_argument("--num_images", default=50000, type=count(1),
                    help="images to generate for FID/IS, split equally over the classes")
-    p.add_argument("--cfg", default=1.0, type=float, help="classifier-free guidance scale (1.0 = no guidance)")
-    p.add_argument("--cfg_schedule", default="linear", type=str, choices=["constant", "linear"],
-                   help="guidance over the outer steps: grows from 1 to --cfg (linear) or stays at --cfg")
-    p.add_argument("--temperature", default=1.0, type=float,
-                   help="multiplies the pixel logits when sampling (as released): above 1 sharpens")
-    p.add_argument("--filter_threshold", default=1e-4, type=float,
-                   help="with guidance, pixel values less likely than this under the class are never drawn")
-    p.add_argument("--label_drop_prob", default=0.1, type=float,
+    p.add_argument("--label_drop_prob", default=0.1, type=number(0, 1, high_ok=True),
                    help="share of training images whose class is replaced by the 'no class' embedding (for cfg)")
-    p.add_argument("--eval_freq", type=int, default=40, help="with --online_eval, generate and score every N epochs")
-    p.add_argument("--save_last_freq", type=int, default=5,
+    p.add_argument("--eval_freq", type=count(1), default=40, help="with --online_eval, generate and score every N epochs")
+    p.add_argument("--save_last_freq", type=count(1), default=5,
                    help="write checkpoint-last.pth every N epochs (and at the end)")
-    p.add_argument("--save_every_steps", type=int, default=0,
+    p.add_argument("--save_every_steps", type=count(0), default=0,
                    help="also refresh checkpoint-last.pth every N steps inside an epoch (0 = off); resuming "
                         "continues from the step after it")
     p.add_argument("--online_eval", action="store_true", help="generate and compute FID/IS during training")
@@ -78,54 +71,53 @@ def get_args_parser():
     p.add_argument("--gen_bsz", type=gen_bsz, default=1024,
                    help="images per sampling batch and process, or auto: the largest that fits in memory, "
                         "measured on the first batch (the images depend on it; the choice is printed)")
-    p.add_argument("--compile_sampling", default="none", choices=["none", "head", "inner"],
+    p.add_argument("--compile_sampling", default="none", choices=COMPILE_SCOPES,
                    help="torch.compile the per-pixel heads' sampling (head) or the whole last generator level "
                         "(inner; longer to compile), as CUDA graphs on CUDA: the same draws, fewer kernel launches")
-    p.add_argument("--nll_bsz", type=int, default=128, help="images per NLL batch and process")
-    p.add_argument("--nll_forward_number", type=int, default=1,
+    p.add_argument("--nll_bsz", type=count(1), default=128, help="images per NLL batch and process")
+    p.add_argument("--nll_forward_number", type=count(1), default=1,
                    help="passes averaged per image for the NLL: MAR's random order makes one pass noisy; no "
                         "effect on AR")
     # optimization
-    p.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on norms and biases)")
+    p.add_argument("--weight_decay", type=number(0), default=0.05,
+                   help="AdamW weight decay (not on norms and biases)")
     p.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, more time")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block for training (sampling and the NLL stay eager); "
                         "compiling takes a minute or more at the start")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=number(0, low_ok=False), default=None,
                    help="absolute learning rate; default blr × effective batch / 256")
-    p.add_argument("--blr", type=float, default=5e-5, help="base learning rate, scaled by effective batch / 256")
-    p.add_argument("--min_lr", type=float, default=0.0, help="where the cosine schedule ends")
+    p.add_argument("--blr", type=number(0, low_ok=False), default=5e-5,
+                   help="base learning rate, scaled by effective batch / 256")
+    p.add_argument("--min_lr", type=number(0), default=0.0, help="where the cosine schedule ends")
     p.add_argument("--lr_schedule", type=str, default="cosine", choices=["constant", "cosine"],
                    help="after the warm-up: stay at lr, or decay to min_lr by the last epoch")
-    p.add_argument("--warmup_epochs", type=int, default=40, help="epochs of linear warm-up from 0 to lr")
-    p.add_argument("--precision", default=None, choices=["fp16", "bf16", "fp32"],
-                   help="autocast precision; default fp16 with a gradient scaler on CUDA (as released), fp32 on CPU")
+    p.add_argument("--warmup_epochs", type=count(0), default=40, help="epochs of linear warm-up from 0 to lr")
     # FractalGen
     p.add_argument("--guiding_pixel", action="store_true",
                    help="each patch first predicts its mean colour, which conditions its pixels (the 256×256 models)")
-    p.add_argument("--num_conds", type=int, default=1,
+    p.add_argument("--num_conds", type=count(1, 5), default=1,
                    help="conditions each MAR level passes down (the released MAR models use 5, AR 1)")
-    p.add_argument("--r_weight", type=float, default=5.0, help="weight of the red channel's loss (drawn first)")
-    p.add_argument("--grad_clip", type=float, default=3.0, help="clip the gradient norm to this (0 = off)")
-    p.add_argument("--attn_dropout", type=float, default=0.1, help="dropout on attention weights")
-    p.add_argument("--proj_dropout", type=float, default=0.1, help="dropout after attention and MLP projections")
+    p.add_argument("--r_weight", type=number(0), default=5.0, help="weight of the red channel's loss (drawn first)")
+    p.add_argument("--grad_clip", type=number(0), default=3.0, help="clip the gradient norm to this (0 = off)")
+    p.add_argument("--attn_dropout", type=number(0, 1), default=0.1, help="dropout on attention weights")
+    p.add_argument("--proj_dropout", type=number(0, 1), default=0.1,
+                   help="dropout after attention and MLP projections")
     # data, outputs, evaluation files
     p.add_argument("--data_path", default="./data/imagenet", type=str, help="ImageFolder root with train/ and val/")
-    p.add_argument("--class_num", default=1000, type=int, help="number of classes (folders in train/)")
+    p.add_argument("--class_num", default=1000, type=count(1), help="number of classes (folders in train/)")
     p.add_argument("--output_dir", default="./output_dir", help="checkpoints, results.json and generated images")
     p.add_argument("--log_dir", default=None, help="TensorBoard folder; default output_dir")
     p.add_argument("--fid_stats", default=None,
                    help="npz with mu and sigma; default fid_stats/adm_in{img_size}_stats.npz; 'none' = generate only")
     p.add_argument("--fid_inception_weights", default=None, help="local copy of torch-fidelity's InceptionV3 weights")
-    p.add_argument("--print_freq", default=20, type=int, help="log a line every N steps")
+    p.add_argument("--print_freq", default=20, type=count(1), help="log a line every N steps")
     # system
-    p.add_argument("--device", default=default_device(),
-                   help="cuda, cuda:N or cpu; default cuda when there is one")
-    p.add_argument("--seed", default=0, type=int, help="random seed (each process adds its rank)")
+    add_device_flags(p)
     p.add_argument("--resume", default="", help="folder holding checkpoint-last.pth to continue or evaluate")
-    p.add_argument("--start_epoch", default=0, type=int, help="first epoch of a run that does not resume")
-    p.add_argument("--num_workers", default=10, type=int, help="data loader processes per process")
+    p.add_argument("--start_epoch", default=0, type=count(0), help="first epoch of a run that does not resume")
+    p.add_argument("--num_workers", default=10, type=count(0), help="data loader processes per process")
     p.add_argument("--pin_mem", action="store_true", help="pin data loader memory for faster copies to the GPU")
     p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin memory")
     p.set_defaults(pin_mem=True)
@@ -140,7 +132,7 @@ def get_args_parser():
     p.add_argument("--final_nll", action="store_true",
                    help="after the last epoch: the NLL (bits/dim) of the validation images, as --evaluate_nll "
                         "gives it")
-    p.add_argument("--final_samples", default=0, type=int, metavar="N",
+    p.add_argument("--final_samples", default=0, type=count(0), metavar="N",
                    help="after the last epoch: N samples of each of the first 10 classes in output_dir/samples.png "
                         "(0 = none), with --num_iter_list, --cfg, --cfg_schedule, --temperature, --filter_threshold, "
                         "--seed and --precision, in batches of --gen_bsz; on the bundled digits also the share "
@@ -151,8 +143,8 @@ def get_args_parser():
     return p
 
 
-# The demo preset: a small FractalAR on the bundled MNIST digits (16×16, one colour per class; util.data
-# writes them to data/demo on first use), sized for a few minutes on a CPU, then its NLL and a sample grid
+# The demo preset: a small FractalAR on the bundled MNIST digits (16×16, one colour per class, written to
+# data/demo on first use), sized for a few minutes on a CPU, then its NLL and a sample grid
 # (--final_nll, --final_samples). AR rather than MAR: in the same time its raster order draws whole
 # strokes where MAR's parallel draws leave fragments; no flips, since a mirrored 3 is no 3. It resumes
 # its own --output_dir (parse_args). --temperature multiplies the logits (as released), so 2.0
@@ -166,38 +158,39 @@ DEMO_DEFAULTS = dict(
 
 
 def parse_args(argv=None):
-    """The command line; with --demo, the demo's settings replace the defaults, and the demo
-    continues the run in its own --output_dir unless --resume says otherwise."""
+    """The command line. With --demo the preset's values are the defaults. Defaults that follow other flags
+    (--precision from --device, --fid_stats from --img_size, --log_dir from --output_dir, and the demo's
+    --resume, its own --output_dir) are set by a last pass, so that args holds the run's settings and
+    nothing rewrites them later."""
     parser = get_args_parser()
-    parser.error = one_line_error
     args = parser.parse_args(argv)
     if args.demo:  # parsed again over the preset's defaults (also when --demo was abbreviated)
-        parser.set_defaults(**{**DEMO_DEFAULTS, "resume": None})
+        parser.set_defaults(**DEMO_DEFAULTS)
         args = parser.parse_args(argv)
-    if args.resume is None:  # the demo resumes from its own output folder, also one given by --output_dir
-        args.resume = args.output_dir
-    return args
-
-
-def one_line_error(message):
-    """argparse's errors (a bad value, an unknown flag) as one line, exit 2, like every other user error."""
-    print(f"error: {message} (see --help)", file=sys.stderr)
-    sys.exit(2)
+    parser.set_defaults(precision=default_precision(args.device), fid_stats=f"fid_stats/adm_in{args.img_size}_stats.npz",
+                        log_dir=args.output_dir, **({"resume": args.output_dir} if args.demo else {}))
+    return parser.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- checks
 def check_args(args):
-    """Everything that can be checked before long work starts."""
-    check_flags(args)
-    if args.precision == "fp16" and not args.device.startswith("cuda"):
-        raise misc.UserError("--precision fp16 is for CUDA (with a gradient scaler); on the CPU it is slower and "
-                             "less accurate: use bf16 or fp32")
-    if args.precision is None:
-        args.precision = default_precision(args.device)
-    args.fid_stats = args.fid_stats or f"fid_stats/adm_in{args.img_size}_stats.npz"
-    args.log_dir = args.log_dir or args.output_dir
+    """What no single flag's type can check: flags that depend on each other, and files and folders."""
+    training = not (args.evaluate_gen or args.evaluate_nll)
+    if args.epochs == 0 and not (args.evaluate_gen or args.evaluate_nll or args.final_nll or args.final_samples):
+        raise misc.UserError("--epochs 0 trains nothing; pass the number of epochs to train to (or --evaluate_nll / "
+                             "--evaluate_gen to evaluate a checkpoint)")
+    if training and args.epochs and args.start_epoch >= args.epochs:
+        raise misc.UserError(f"--start_epoch {args.start_epoch} is not below --epochs {args.epochs}: nothing to "
+                             "train")
+    check_precision(args.precision, args.device)
+    for flag in ("output_dir", "log_dir"):
+        check_writable_folder(flag, getattr(args, flag))
+    if args.fid_inception_weights and not os.path.isfile(args.fid_inception_weights):
+        raise misc.UserError(f"--fid_inception_weights {args.fid_inception_weights} does not exist")
     if args.evaluate_gen or args.online_eval:
-        generation_labels(args.num_images, args.class_num)
+        if args.num_images % args.class_num:
+            raise misc.UserError(f"--num_images {args.num_images} must be divisible by --class_num {args.class_num} "
+                                 "(images are split equally over classes)")
         if args.fid_stats != "none":
             if args.num_images < 10:
                 raise misc.UserError(f"the Inception Score uses 10 splits: scoring needs --num_images >= 10, got "
@@ -210,18 +203,15 @@ def check_args(args):
 
 
 def build(args):
-    try:
-        model = build_model(
-            args.model, label_drop_prob=args.label_drop_prob, class_num=args.class_num,
-            attn_dropout=args.attn_dropout, proj_dropout=args.proj_dropout, guiding_pixel=args.guiding_pixel,
-            num_conds=args.num_conds, r_weight=args.r_weight, grad_checkpointing=args.grad_checkpointing)
-    except ValueError as e:
-        raise misc.UserError(str(e)) from None
+    """The model, and the sampling steps of its levels (--num_iter_list checked against them)."""
+    model = build_model(
+        args.model, label_drop_prob=args.label_drop_prob, class_num=args.class_num,
+        attn_dropout=args.attn_dropout, proj_dropout=args.proj_dropout, guiding_pixel=args.guiding_pixel,
+        num_conds=args.num_conds, r_weight=args.r_weight, grad_checkpointing=args.grad_checkpointing)
     if model.img_size != args.img_size:
         raise misc.UserError(f"--model {args.model} makes {model.img_size}×{model.img_size} images but --img_size is "
                              f"{args.img_size}; pass --img_size {model.img_size}")
-    parse_num_iter(args.num_iter_list, model.num_fractal_levels - 1, args.model)
-    return model
+    return model, parse_num_iter(args.num_iter_list, model.num_fractal_levels - 1, args.model)
 
 
 def param_groups(model, weight_decay):
@@ -236,14 +226,17 @@ def param_groups(model, weight_decay):
 # ----------------------------------------------------------------------------- main
 def main(args):
     check_args(args)
-    misc.init_distributed_mode(args)
-    device = torch.device(args.device)
+    if args.demo:  # the preset's data: the bundled digits, written on first use
+        demo_data.prepare(args.data_path, args.img_size)
+    device = misc.init_distributed_mode(args.device, args.dist_on_itp, args.dist_url)
     if device.type == "cpu":
         misc.keep_freed_memory()
     torch.manual_seed(args.seed + misc.get_rank())
     np.random.seed(args.seed + misc.get_rank())
     training = not (args.evaluate_gen or args.evaluate_nll)
-    model = build(args)
+    model, num_iter = build(args)
+    sampling = dict(num_iter_list=num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
+                    filter_threshold=args.filter_threshold, precision=args.precision)
     dataset_train = image_folder(args.data_path, "train", args.img_size, args.class_num) if training else None
     needs_val = args.evaluate_nll or (training and args.final_nll)  # checked now, not after training
     dataset_val = image_folder(args.data_path, "val", args.img_size, args.class_num) if needs_val else None
@@ -283,7 +276,7 @@ def main(args):
         print_rank0(f"Resumed from {ckpt_path} ({checkpoint.describe(ckpt)})")
         del ckpt
 
-    if args.distributed:
+    if misc.is_dist():
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     log_writer = None
@@ -291,11 +284,12 @@ def main(args):
         from torch.utils.tensorboard import SummaryWriter
         log_writer = SummaryWriter(log_dir=args.log_dir)
 
+    gen_bsz = args.gen_bsz  # "auto" becomes the batch size it chose, kept for later evaluations
     if args.evaluate_nll:
         report_nll(model, dataset_val, args, device, world, rank, log_writer, ckpt_epoch)
     if args.evaluate_gen:
         with stop.deferred():
-            evaluate_gen(model_without_ddp, args, device, ckpt_epoch, log_writer)
+            evaluate_gen(model_without_ddp, args, device, ckpt_epoch, log_writer, sampling, gen_bsz)
     if not training:
         return
 
@@ -318,14 +312,15 @@ def main(args):
                 path = checkpoint.save(args, model_without_ddp, optimizer, scaler, epoch, device)
                 print_rank0(f"Saved {path} (epoch {epoch})")
             if evaluate:
-                evaluate_gen(model_without_ddp, args, device, epoch, log_writer)
+                gen_bsz = evaluate_gen(model_without_ddp, args, device, epoch, log_writer, sampling, gen_bsz)["gen_bsz"]
             if log_writer is not None:
                 log_writer.flush()
             done, left = epoch + 1 - start_epoch, args.epochs - epoch - 1
             so_far = time.time() - start
             print_rank0(f"Epoch {epoch} done; {hms(so_far)} so far, ETA of the run {hms(so_far / done * left)}")
     print_rank0(f"Training time {hms(time.time() - start)}")
-    report_after_training(model, model_without_ddp, dataset_val, args, device, world, rank, log_writer)
+    report_after_training(model, model_without_ddp, dataset_val, args, device, world, rank, log_writer, sampling,
+                          gen_bsz)
 
 
 def hms(seconds):
@@ -349,26 +344,25 @@ def report_nll(model, dataset_val, args, device, world, rank, log_writer=None, e
 
 
 # ----------------------------------------------------------------------------- after training
-def report_after_training(model, model_without_ddp, dataset_val, args, device, world, rank, log_writer):
+def report_after_training(model, model_without_ddp, dataset_val, args, device, world, rank, log_writer, sampling,
+                          gen_bsz):
     """--final_nll and --final_samples: the trained model's NLL (all processes) and a grid of its
     samples (rank 0; the others are done and do not wait for it)."""
     if args.final_nll:
         report_nll(model, dataset_val, args, device, world, rank, log_writer, args.epochs)
     if args.final_samples and misc.is_main_process():
-        report_samples(model_without_ddp, args, log_writer)
+        report_samples(model_without_ddp, args, log_writer, sampling, None if gen_bsz == "auto" else gen_bsz)
 
 
-def report_samples(model, args, log_writer):
+def report_samples(model, args, log_writer, sampling, batch_size):
     """output_dir/samples.png, one row per class, seeded by --seed; a model of the bundled digits also
     gets the digit check (PNG's bits/dim on the held-out digits, and the share of samples recognised)."""
     from util.digit_check import judge_grid
     from util.sampling import grid_upscale, save_sample_grid
     path, per_class = os.path.join(args.output_dir, "samples.png"), args.final_samples
     upscale = grid_upscale(args.img_size)
-    grid = save_sample_grid(model, path, args.num_iter, classes=range(min(args.class_num, 10)), per_class=per_class,
-                            cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
-                            filter_threshold=args.filter_threshold, precision=args.precision, seed=args.seed,
-                            upscale=upscale, batch_size=args.gen_bsz if args.gen_bsz != "auto" else None)
+    grid = save_sample_grid(model, path, classes=range(min(args.class_num, 10)), per_class=per_class, seed=args.seed,
+                            upscale=upscale, batch_size=batch_size, **sampling)
     saved = checkpoint.path_in(args.output_dir)
     print(f"Samples: {path}  (one row per class" + (f"; checkpoint: {saved})" if os.path.exists(saved) else ")"))
     results = {"samples": path}
@@ -393,20 +387,4 @@ def print_rank0(msg):
 
 
 if __name__ == "__main__":
-    stop.install()
-    args = parse_args()
-    try:
-        main(args)
-    except misc.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except stop.Stopped as e:  # exit code 143 after SIGTERM, 130 after SIGINT
-        if misc.is_main_process():
-            print(e, file=sys.stderr)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("stopped by Ctrl-C", file=sys.stderr)
-        sys.exit(stop.EXIT_CODES[signal.SIGINT])
-    finally:
-        if misc.is_dist():
-            torch.distributed.destroy_process_group()
+    sys.exit(misc.run_command(lambda: main(parse_args())))

@@ -243,8 +243,8 @@ class Workload:
 
 
 def compile_for_sampling(model, args):
-    """--sample_compile: this worker samples through util.fast_sampling's compiled levels."""
-    from util.fast_sampling import compile_sampling
+    """--sample_compile: this worker samples through util.sampling.compile_sampling."""
+    from util.sampling import compile_sampling
     compile_sampling(model, args.compile_scope, mode=args.sample_compile_mode, backend=args.sample_compile_backend)
 
 
@@ -742,7 +742,7 @@ def parse_args(argv=None):
                         "util.misc.keep_freed_memory); default: glibc's defaults for all, to compare the code alone")
     p.add_argument("--profile", action="store_true", help="per-level sampling time and the top ops")
     p.add_argument("--sample_compile", default=None, metavar="SCOPES",
-                   help="also time this checkout sampling through util.fast_sampling's compiled levels, one worker "
+                   help="also time this checkout sampling through util.sampling.compile_sampling, one worker "
                         "per comma-separated scope (head, inner); `same samples` then compares them with eager")
     p.add_argument("--sample_compile_mode", default=None,
                    help="torch.compile mode for --sample_compile (default: reduce-overhead on CUDA, else default)")

@@ -16,7 +16,7 @@
 #           (64×64) or 32 (256×256, --guiding_pixel), fp16 and bf16, with and without gradient
 #           checkpointing: step time and peak memory;
 #   sample  (one more call, about 7.5 minutes at most) sampling at the release's evaluation settings,
-#           eager against the compiled paths of util/fast_sampling.py (see the block below), and the
+#           eager against the compiled paths of util.sampling.compile_sampling (see the block below), and the
 #           compiled-sampling equality tests of tests/test_cuda.py.
 # Each step has its own time limit, so a slow one cannot eat the others' time; every result is written
 # to OUT_DIR as soon as it exists (markdown and bench.py's JSON; the table row by row).
@@ -101,7 +101,7 @@ fi
 # ----------------------------------------------------------------------------- sample
 # The release's evaluation settings (its README: FractalMAR-64 num_iter 64,16, cfg 6.5, temperature
 # 1.02; FractalMAR-L 64,16,16, cfg 21, temperature 1.1, guiding pixel), fp16 autocast as it samples,
-# random weights: the release, ours eager and ours through the compiled paths of util/fast_sampling.py
+# random weights: the release, ours eager and ours through the compiled paths of util.sampling.compile_sampling
 # (CUDA graphs), one worker each,
 # images/s and utilization (FLOPs from benchmarks/scaling.py). One timed call each: the eager calls
 # of FractalMAR-L at 64,16,16 take minutes. tests/test_cuda.py's compiled tests print whether the

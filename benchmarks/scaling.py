@@ -18,14 +18,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench import FlopCounter, timed  # noqa: E402
 from models.mar import CONDITIONS  # noqa: E402
 from models.fractalgen import MODELS, RELEASED, build_model  # noqa: E402
-from util.checks import parse_num_iter  # noqa: E402
+from util.flags import int_list  # noqa: E402
 
 # the CPU models' steps: the benchmark setting (the released models take theirs from RELEASED)
 CPU_NUM_ITER = {"fractalar_tiny_in16": [16, 16], "fractalmar_tiny_in16": [16, 8], "fractalmar_small_in32": [16, 8]}
 
 
 def num_iter(name):
-    return parse_num_iter(RELEASED[name]["num_iter_list"]) if name in RELEASED else CPU_NUM_ITER[name]
+    return int_list(RELEASED[name]["num_iter_list"]) if name in RELEASED else CPU_NUM_ITER[name]
 
 
 def model_kwargs(name):

@@ -10,24 +10,18 @@ import torch.nn.functional as F
 from models.layers import Block, KVCache, float32_region, guidance_batch, imagenet_stats, init_weights
 
 
-_TORCH_MULTINOMIAL = torch.multinomial
-
-
 def draw_categorical(probs):
     """One index per row of `probs` (n, k): the index torch.multinomial(probs, 1) draws, from the same
     generator state, leaving the generator where it leaves it.
 
     torch.multinomial takes argmax(p / E), E = -log1p(-U) from float64 uniforms U; its CPU loop is
     serial, so on the CPU the same E come from a vectorized log1p. Other devices and dtypes use
-    torch.multinomial itself, and so does a torch.multinomial replaced at run time: the shared fixture
-    checker (check_fixtures.py) makes draws greedy that way, while our tests replace draw_categorical.
-    Under torch.compile the value check, a host sync, is left out.
+    torch.multinomial itself. Under torch.compile the value check, a host sync, is left out.
     """
     compiling = torch.compiler.is_compiling()
     if probs.device.type != "cpu" and compiling:  # torch.multinomial's own steps, in one graph
         return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1, keepdim=True)
-    if (probs.device.type != "cpu" or probs.dtype not in (torch.float32, torch.float64)
-            or torch.multinomial is not _TORCH_MULTINOMIAL):
+    if probs.device.type != "cpu" or probs.dtype not in (torch.float32, torch.float64):
         return torch.multinomial(probs, num_samples=1)
     lowest, highest = torch.aminmax(probs) if probs.numel() and not compiling else (0, 0)
     if not (float(lowest) >= 0 and float(highest) < float("inf")):  # NaN fails both

@@ -80,11 +80,11 @@ def save_random_checkpoint(folder):
 def generate_pngs(checkpoint_dir, out, *extra):
     """main_fractalgen.py --evaluate_gen of 6 images of the tiny model (num_iter 2,2, no scoring) from the
     checkpoint in `checkpoint_dir`, `extra` flags last: (the PNGs' bytes by file name, the args after the run)."""
-    import engine_fractalgen
     import main_fractalgen
-    args = main_fractalgen.get_args_parser().parse_args(
+    from util import png_folder
+    args = main_fractalgen.parse_args(
         MODEL_ARGS + ["--resume", checkpoint_dir, "--output_dir", out, "--evaluate_gen", "--num_images", "6",
                       "--num_iter_list", "2,2", "--fid_stats", "none", *extra])
     main_fractalgen.main(args)
-    folder = engine_fractalgen.generation_folder(args)
+    folder = png_folder.folder_of(args)
     return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder)) if f.endswith(".png")}, args

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import engine_fractalgen
+from util import png_folder
 import main_fractalgen
 import util.checkpoint as checkpoint
 import util.misc as misc
@@ -27,7 +28,7 @@ def data(tmp_path_factory):
 
 
 def parse(argv):
-    return main_fractalgen.get_args_parser().parse_args(argv)
+    return main_fractalgen.parse_args(argv)
 
 
 def crash_on_call(monkeypatch, target, name, call_number):
@@ -134,10 +135,10 @@ def test_generation_resumes_with_the_same_images(trained, tmp_path, monkeypatch,
 
     out = str(tmp_path / "crashed")
     with monkeypatch.context() as m:
-        crash_on_call(m, engine_fractalgen, "write_png", 4)  # dies after 3 images, inside batch 2
+        crash_on_call(m, png_folder, "write_png", 4)  # dies after 3 images, inside batch 2
         with pytest.raises(KeyboardInterrupt):
             generate(trained, out)
-    folder = engine_fractalgen.generation_folder(parse(MODEL_ARGS + ["--output_dir", out, "--num_images", "6",
+    folder = png_folder.folder_of(parse(MODEL_ARGS + ["--output_dir", out, "--num_images", "6",
                                                                      "--num_iter_list", "2,2", "--cfg", "2.0"]))
     with open(os.path.join(folder, "00000.png"), "r+b") as f:  # a half-written image
         f.truncate(40)
@@ -202,7 +203,7 @@ BAD_INPUTS = [  # (extra arguments, message fragment, setup(data, out) or None)
     ([], "needs at least one image", empty_class_folder),
     (["--class_num", "5"], "has 3 classes but --class_num is 5", None),
     (["--img_size", "32"], "pass --img_size 16", None),
-    (["--model", "fractalmar_tiny"], "valid names:", None),
+    (["--model", "fractalmar_tiny"], "--model invalid choice: 'fractalmar_tiny'", None),
     (["--evaluate_gen", "--num_images", "7", "--fid_stats", "none"], "must be divisible by --class_num", None),
     (["--evaluate_gen", "--num_images", "30", "--fid_stats", "/nonexistent.npz"], "--fid_stats none", None),
     (["--evaluate_gen", "--num_images", "30", "--fid_stats", "STATS"], "sigma", stats_without_sigma),

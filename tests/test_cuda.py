@@ -123,7 +123,8 @@ def test_cli_trains_evaluates_nll_and_generates_on_the_device(tmp_path):
 @pytest.mark.parametrize("precision", ["fp32"] + PRECISIONS)
 @pytest.mark.parametrize("name", ["fractalar_tiny_in16", "fractalmar_tiny_in16"])
 def test_editing_keeps_the_known_pixels_on_the_device(name, precision):
-    from util.edit import edit_images, shape_mask
+    from util.edit import shape_mask
+    from util.sampling import edit_images
     torch.manual_seed(0)
     mar = name.startswith("fractalmar")
     model = build_model(name, class_num=10, num_conds=5 if mar else 1, guiding_pixel=mar).to(DEVICE)
@@ -166,10 +167,10 @@ def per_image_nll(model, images, labels):
 
 @pytest.mark.parametrize("scope", ["head", "inner"])
 def test_compiled_sampling_gives_the_eager_samples_or_their_nll(scope):
-    """util/fast_sampling.py on the device (CUDA graphs on CUDA): the eager path's images for the same
+    """util.sampling.compile_sampling on the device (CUDA graphs on CUDA): the eager path's images for the same
     seed; where fused kernels round differently and a draw changes, the samples' NLL under the model
     must agree within noise (3 standard errors of the paired differences). Prints what it measured."""
-    from util.fast_sampling import compile_sampling
+    from util.sampling import compile_sampling
     torch.manual_seed(0)
     model = build_model("fractalmar_tiny_in16", class_num=10, num_conds=5, guiding_pixel=True).to(DEVICE).eval()
     labels = torch.arange(16, device=DEVICE) % 10

@@ -44,7 +44,7 @@ def test_demo_is_a_preset_that_resumes_its_own_output_dir():
 
 
 def check(**flags):
-    args = main_fractalgen.get_args_parser().parse_args([])
+    args = main_fractalgen.parse_args([])
     vars(args).update(flags)
     main_fractalgen.check_args(args)
     return args

@@ -11,6 +11,7 @@ from PIL import Image
 
 import models.pixelloss as pixelloss
 import util.edit as edit
+from util.sampling import edit_images
 from helpers import ROOT, random_images
 from models.fractalgen import FractalGen, build_model
 from models.layers import patchify
@@ -81,7 +82,7 @@ def test_known_pixels_come_out_identical(name, kind):
     assert torch.equal(out[known], imgs[known])  # sample() itself, without generate()'s copy back
     assert (out[~known] != imgs[~known]).float().mean() > 0.9  # the unknown ones were generated
     # what a user gets: generated pixels are 8-bit intensities like the known ones
-    edits = edit.edit_images(model, torch.rand(3, 16, 16), unknown[1], [4], steps(model), cfg=2.0)
+    edits = edit_images(model, torch.rand(3, 16, 16), unknown[1], [4], steps(model), cfg=2.0)
     assert edits.shape == (1, 3, 16, 16)
 
 

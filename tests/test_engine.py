@@ -137,14 +137,14 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(data, tmp_path, monkeypatch)
     out = str(tmp_path / "out")
     argv = MODEL_ARGS + ["--data_path", data, "--output_dir", out, "--resume", out, "--batch_size", "8",
                          "--warmup_epochs", "1"]
-    main_fractalgen.main(main_fractalgen.get_args_parser().parse_args(argv + ["--epochs", "1"]))
+    main_fractalgen.main(main_fractalgen.parse_args(argv + ["--epochs", "1"]))
     path = os.path.join(out, "checkpoint-last.pth")
     before = open(path, "rb").read()
     from models.fractalgen import FractalGen
     real_forward = FractalGen.forward
     monkeypatch.setattr(FractalGen, "forward", lambda self, x, y: real_forward(self, x, y) * float("nan"))
     with pytest.raises(misc.UserError, match=r"loss is nan at epoch 1, step 0"):
-        main_fractalgen.main(main_fractalgen.get_args_parser().parse_args(argv + ["--epochs", "2"]))
+        main_fractalgen.main(main_fractalgen.parse_args(argv + ["--epochs", "2"]))
     assert open(path, "rb").read() == before
 
 
@@ -186,10 +186,10 @@ def tensorboard_events(logdir):
 
 
 def test_generation_labels_are_class_balanced():
-    from engine_fractalgen import generation_labels
-    assert generation_labels(6, 3).tolist() == [0, 0, 1, 1, 2, 2]
+    from util.png_folder import labels_of
+    assert labels_of(6, 3).tolist() == [0, 0, 1, 1, 2, 2]
     with pytest.raises(misc.UserError, match="divisible"):
-        generation_labels(7, 3)
+        main_fractalgen.check_args(main_fractalgen.parse_args(["--evaluate_gen", "--num_images", "7", "--class_num", "3"]))
 
 
 LAUNCHERS = {  # the variables SLURM's srun and OpenMPI's mpirun give each process

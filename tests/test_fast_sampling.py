@@ -1,5 +1,5 @@
 """The fast sampling paths give the eager path's samples: no host syncs in the sampling loops, and
-torch.compile of the innermost levels (util/fast_sampling.py) with the same draws."""
+torch.compile of the innermost levels (util.sampling.compile_sampling) with the same draws."""
 import collections
 
 import pytest
@@ -8,8 +8,7 @@ from torch.overrides import TorchFunctionMode
 
 from models import pixelloss
 from models.fractalgen import build_model
-from util.fast_sampling import compile_sampling
-from util.sampling import sample_classes
+from util.sampling import compile_sampling, sample_classes
 
 # Tensor methods that wait for the device (on CUDA) to hand a value to Python
 HOST_SYNCS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero"}

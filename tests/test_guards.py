@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import engine_fractalgen
+from util import png_folder
 import main_fractalgen
 import util.checkpoint as checkpoint
 import util.misc as misc
@@ -30,7 +31,7 @@ def data(tmp_path_factory):
 
 
 def parse(argv):
-    return main_fractalgen.get_args_parser().parse_args(argv)
+    return main_fractalgen.parse_args(argv)
 
 
 def train_argv(data, out, *extra):
@@ -47,8 +48,8 @@ def one_line(error):
 
 
 # ----------------------------------------------------------------------------- non-finite weights
-@pytest.mark.parametrize("extra", [["--blr", "1e7", "--save_every_steps", "1"], ["--lr", "1e5"]],
-                         ids=["blr1e7-step-saves", "lr1e5-epoch-saves"])
+@pytest.mark.parametrize("extra", [["--blr", "1e7", "--save_every_steps", "1"], ["--lr", "1e25"]],
+                         ids=["blr1e7-step-saves", "lr1e25-epoch-saves"])
 def test_update_that_overflows_is_never_saved(data, tmp_path, extra):
     """The issue's repro: a finite loss whose update makes the weights non-finite stops training with the
     epoch and step, before any save; the last checkpoint (the epoch before's, or the last step's, still
@@ -241,18 +242,18 @@ def test_signals_outside_a_safe_section():
 
 def generate(trained, out, *extra):
     pngs, args = generate_pngs(trained, out, "--gen_bsz", "2", *extra)
-    return engine_fractalgen.generation_folder(args), pngs
+    return png_folder.folder_of(args), pngs
 
 
 def test_generation_stops_between_batches_keeping_its_images(trained, tmp_path, monkeypatch):
     _, whole = generate(trained, str(tmp_path / "whole"))
     out = str(tmp_path / "out")
     with monkeypatch.context() as m:
-        signal_on_call(m, engine_fractalgen, "write_png", 3, signal.SIGTERM)  # inside batch 2 of 3
+        signal_on_call(m, png_folder, "write_png", 3, signal.SIGTERM)  # inside batch 2 of 3
         with pytest.raises(stop.Stopped, match="stopped by SIGTERM: the images written so far are kept in") as e:
             generate(trained, out)
     assert e.value.exit_code == 143
-    folder = engine_fractalgen.generation_folder(parse(MODEL_ARGS + ["--output_dir", out, "--num_images", "6",
+    folder = png_folder.folder_of(parse(MODEL_ARGS + ["--output_dir", out, "--num_images", "6",
                                                                      "--num_iter_list", "2,2"]))
     assert sorted(f for f in os.listdir(folder) if f.endswith(".png")) == [f"{i:05d}.png" for i in range(4)]
     assert generate(trained, out)[1] == whole
@@ -352,7 +353,7 @@ BAD_FLAGS = [  # (arguments, message fragment)
     (["--save_every_steps", "-1"], "--save_every_steps must be zero or more"),
     (["--print_freq", "0"], "--print_freq must be at least 1"),
     (["--num_workers", "-1"], "--num_workers must be zero or more"),
-    (["--evaluate_gen", "--gen_bsz", "-4"], "--gen_bsz must be at least 1"),
+    (["--evaluate_gen", "--gen_bsz", "-4"], "--gen_bsz must be a positive integer or auto, got '-4'"),
     (["--evaluate_gen", "--num_images", "0"], "--num_images must be at least 1"),
     (["--evaluate_nll", "--nll_bsz", "0"], "--nll_bsz must be at least 1"),
     (["--nll_forward_number", "0"], "--nll_forward_number must be at least 1"),
@@ -363,7 +364,7 @@ BAD_FLAGS = [  # (arguments, message fragment)
     (["--start_epoch", "-2"], "--start_epoch must be zero or more"),
     (["--seed", "-1"], "--seed must be zero or more"),
     (["--seed", str(2 ** 40)], "--seed must be below"),
-    (["--num_iter_list", "0,2"], "every entry of --num_iter_list must be at least 1"),
+    (["--num_iter_list", "0,2"], "--num_iter_list must have every entry at least 1"),
     (["--num_iter_list", "4,"], "comma-separated integers"),
     (["--num_iter_list", ""], "comma-separated integers"),
     (["--blr", "nan"], "--blr must be a finite number > 0, got nan"),
@@ -416,7 +417,7 @@ def test_cli_answers_a_flag_argparse_refuses_with_one_line_and_exit_2(tmp_path):
     out = str(tmp_path / "out")
     result = run(MODEL_ARGS + ["--output_dir", out, "--batch_size", "two"])
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
-    assert result.stderr.startswith("error: argument --batch_size: invalid int value: 'two' (see --help)")
+    assert result.stderr.startswith("error: --batch_size must be an integer, got 'two' (see --help)")
     assert not os.path.exists(out)
 
 

@@ -22,7 +22,7 @@ NOTEBOOK = os.path.join(ROOT, "demo", "run_fractalgen.ipynb")
 
 def tiny_checkpoint(path, with_args=True):
     """A checkpoint as main_fractalgen.py writes it, of a tiny untrained 3-class model."""
-    args = main_fractalgen.get_args_parser().parse_args(
+    args = main_fractalgen.parse_args(
         ["--model", "fractalmar_tiny_in16", "--img_size", "16", "--class_num", "3", "--num_conds", "5",
          "--guiding_pixel", "--num_iter_list", "2,2"])
     torch.manual_seed(0)
@@ -89,5 +89,6 @@ def test_load_model_needs_a_name_without_args(tmp_path):
         load_model(ckpt)
     model, settings = load_model(tiny_checkpoint(tmp_path / "full.pth"))
     assert settings == dict(model="fractalmar_tiny_in16", class_num=3, num_conds=5, guiding_pixel=True,
-                            num_iter_list="2,2", cfg=1.0, cfg_schedule="linear", temperature=1.0, img_size=16)
+                            num_iter_list="2,2", cfg=1.0, cfg_schedule="linear", temperature=1.0, filter_threshold=1e-4,
+                            seed=0, img_size=16)
     assert not model.training

@@ -12,7 +12,7 @@ from util.sample import main
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A checkpoint as main_fractalgen.py writes it, of a tiny untrained 3-class model."""
-    args = main_fractalgen.get_args_parser().parse_args(
+    args = main_fractalgen.parse_args(
         ["--model", "fractalmar_tiny_in16", "--img_size", "16", "--class_num", "3", "--num_conds", "5",
          "--num_iter_list", "2,2", "--cfg", "1.5", "--temperature", "1.3"])
     torch.manual_seed(0)

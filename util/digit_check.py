@@ -4,14 +4,16 @@ classifier's accuracy on the real held-out digits says what a perfect generator 
 
     python -m util.digit_check output_demo/samples.png      # a grid written by the demo (one row per class)
 """
-import argparse
 import io
+import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
 from util.demo_data import colourise, load_digits, split_indices
+from util.flags import Parser, count
+from util.misc import UserError, run_command
 
 
 def ink(images):
@@ -68,8 +70,17 @@ def png_bits_per_dim(images):
 
 def read_grid(path, rows, per_row, img_size, upscale):
     """The images of a grid written by util.sampling.save_sample_grid, (rows*per_row, 3, S, S)."""
-    grid = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+    try:
+        with Image.open(path) as picture:
+            grid = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1).float() / 255
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} as an image ({type(e).__name__}: {e})") from None
     pad, tile = max(upscale, 2), img_size * upscale
+    size = (pad + rows * (tile + pad), pad + per_row * (tile + pad))
+    if tuple(grid.shape[1:]) != size:
+        raise UserError(f"{path} is {grid.shape[2]}x{grid.shape[1]} pixels, not a grid of {rows} rows of {per_row} "
+                        f"{img_size}-pixel samples upscaled {upscale}x ({size[1]}x{size[0]}); check --per_row, "
+                        "--img_size and --upscale")
     starts = [pad + i * (tile + pad) for i in range(max(rows, per_row))]
     tiles = [grid[:, starts[r]:starts[r] + tile, starts[c]:starts[c] + tile] for r in range(rows) for c in range(per_row)]
     return torch.stack(tiles)[:, :, ::upscale, ::upscale]
@@ -86,18 +97,21 @@ def judge_grid(path, tree, per_class, upscale):
             "real_digits_accuracy": real}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None):
+    p = Parser(prog="python -m util.digit_check", description=__doc__.split("\n\n")[0])
     p.add_argument("grid", help="a PNG grid, one row per class 0..9")
-    p.add_argument("--per_row", type=int, default=8)
-    p.add_argument("--img_size", type=int, default=16)
-    p.add_argument("--upscale", type=int, default=4)
-    args = p.parse_args()
-    images = read_grid(args.grid, 10, args.per_row, args.img_size, args.upscale)
-    labels = torch.arange(10).repeat_interleave(args.per_row)
-    share, real = recognised_share(images, labels, *real_digits(args.img_size))
-    print(f"recognised as their digit: {share:.0%} of samples (real held-out digits: {real:.0%})")
+    p.add_argument("--per_row", type=count(1), default=8, help="samples per row")
+    p.add_argument("--img_size", type=count(1), default=16, help="side of one sample in pixels")
+    p.add_argument("--upscale", type=count(1), default=4, help="how much the grid enlarged each sample")
+
+    def work():
+        args = p.parse_args(argv)
+        images = read_grid(args.grid, 10, args.per_row, args.img_size, args.upscale)
+        labels = torch.arange(10).repeat_interleave(args.per_row)
+        share, real = recognised_share(images, labels, *real_digits(args.img_size))
+        print(f"recognised as their digit: {share:.0%} of samples (real held-out digits: {real:.0%})")
+    return run_command(work)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,7 +14,6 @@ center: outpainting), or a box x0,y0,x1,y1 in pixels (x1, y1 excluded). An image
 center-cropped and resized as the training data is; a mask image must have the image's size (or the
 model's) and is cropped with it.
 """
-import argparse
 import os
 import sys
 
@@ -24,9 +23,10 @@ import torchvision.utils as vutils
 from PIL import Image
 
 import util.misc as misc
-from models.layers import imagenet_stats
-from util.checks import check_device, default_device, default_precision, parse_num_iter
+from models.fractalgen import RELEASED
 from util.crop import center_crop_arr
+from util.flags import Parser, add_device_flags, add_sampling_flags, count, int_list
+from util.sampling import edit_images, load_model, precision_for, sampling_for
 
 SHAPES = ("center", "left", "right", "top", "bottom", "border")
 
@@ -102,30 +102,7 @@ def make_mask(mask, img_size, image_path=None):
     return image_mask(mask, image_size, img_size)
 
 
-# ----------------------------------------------------------------------------- editing
-def edit_images(model, image, unknown, labels, num_iter_list, cfg=1.0, cfg_schedule="linear", temperature=1.0,
-                filter_threshold=1e-4, precision="fp32", seed=0, visualize=False):
-    """One edit of `image` ((3, S, S) in [0, 1]) per entry of `labels`: the pixels where `unknown`
-    (S, S) is true regenerated under that class, the others exactly as given. Returns (n, 3, S, S)
-    in [0, 1]. `seed` fixes the draws (the caller's random state is left alone)."""
-    device = next(model.parameters()).device
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    n = len(labels)
-    mean, std = (t.view(1, 3, 1, 1) for t in imagenet_stats(device))
-    images = ((image.to(device)[None] - mean) / std).expand(n, -1, -1, -1)
-    unknown_n = unknown.to(device)[None].expand(n, -1, -1)
-    model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        with misc.autocast(device, precision):
-            out = model.generate(labels.to(device), num_iter_list, cfg=cfg, cfg_schedule=cfg_schedule,
-                                 temperature=temperature, filter_threshold=filter_threshold, visualize=visualize,
-                                 images=images, unknown=unknown_n)
-    out = (out.float() * std + mean).clamp(0, 1).cpu()
-    out = (out * 255).round() / 255  # 8-bit values, as the input
-    return torch.where(unknown[None, None], out, image[None])
-
-
+# ----------------------------------------------------------------------------- pictures
 def side_by_side(image, unknown, edits, per_row, upscale=4):
     """A (3, H, W) picture: each row is the input, the mask (white = unknown) and `per_row` edits."""
     rows = len(edits) // per_row
@@ -147,28 +124,23 @@ def save_png(tensor, path):
 
 # ----------------------------------------------------------------------------- command line
 def get_args_parser():
-    p = argparse.ArgumentParser("python -m util.edit", description=__doc__.split("\n\n")[0])
+    p = Parser("python -m util.edit", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="a checkpoint written by main_fractalgen.py (its args name the model), or "
                                         "a released one given with --model")
-    p.add_argument("--model", help="a released model: alone, its checkpoint as util.download fetches it into "
-                                   "<download_dir>/<model>/checkpoint-last.pth")
+    p.add_argument("--model", choices=list(RELEASED),
+                   help="a released model: alone, its checkpoint as util.download fetches it into "
+                        "<download_dir>/<model>/checkpoint-last.pth")
     p.add_argument("--download_dir", default="pretrained_models")
     p.add_argument("--url", default=None, help="with --model: where to download its checkpoint (release README)")
     p.add_argument("--image", required=True, help="the image to edit (any size: center-cropped and resized)")
     p.add_argument("--mask", required=True, help=f"{', '.join(SHAPES)}, a box x0,y0,x1,y1 or a mask image "
                                                  "(white = unknown)")
-    p.add_argument("--class", dest="classes", required=True, help="class index, or several: 3,8 (one row each)")
-    p.add_argument("--num_samples", type=int, default=4, help="edits per class")
-    p.add_argument("--num_iter_list", default="", help="steps per generator level; default the checkpoint's")
-    p.add_argument("--cfg", type=float, default=1.0)
-    p.add_argument("--cfg_schedule", default="constant", choices=["constant", "linear"])
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--filter_threshold", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--precision", default=None, choices=["fp16", "bf16", "fp32"],
-                   help="autocast precision; default fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--upscale", type=int, default=4, help="enlargement of the side-by-side picture")
+    p.add_argument("--class", dest="classes", required=True, type=int_list,
+                   help="class index, or several: 3,8 (one row each)")
+    p.add_argument("--num_samples", type=count(1), default=4, help="edits per class")
+    add_sampling_flags(p, defaults=None)
+    add_device_flags(p)
+    p.add_argument("--upscale", type=count(1), default=4, help="enlargement of the side-by-side picture")
     p.add_argument("--output", required=True, help="PNG of the edits; <name>_side_by_side.png is written beside it")
     return p
 
@@ -182,21 +154,8 @@ def released_checkpoint(name, download_dir, url=None):
         raise misc.UserError(str(e)) from None
 
 
-def parse_ints(text, flag):
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise misc.UserError(f"{flag} must be comma-separated integers, got {text!r}") from None
-
-
 def main(args):
-    from util.sampling import load_model
-    check_device(args.device)
-    device = torch.device(args.device)
-    precision = args.precision or default_precision(args.device)
-    if args.num_samples < 1:
-        raise misc.UserError(f"--num_samples must be at least 1, got {args.num_samples}")
-    classes = parse_ints(args.classes, "--class")
+    precision = precision_for(args)
     if not args.output.lower().endswith(".png"):
         raise misc.UserError(f"--output must name a .png file, got {args.output}")
     for path in (args.image, *([args.mask] if args.mask not in SHAPES and args.mask.count(",") != 3 else [])):
@@ -206,37 +165,29 @@ def main(args):
     checkpoint = args.checkpoint or released_checkpoint(args.model, args.download_dir, args.url)
     if not os.path.isfile(checkpoint):
         raise misc.UserError(f"no checkpoint at {checkpoint}")
-    model, settings = load_model(checkpoint, device, model_name=args.model)
+    model, settings = load_model(checkpoint, torch.device(args.device), model_name=args.model)
     size = settings["img_size"]
-    bad = [c for c in classes if not 0 <= c < settings["class_num"]]
+    bad = [c for c in args.classes if not 0 <= c < settings["class_num"]]
     if bad:
         raise misc.UserError(f"unknown class {bad[0]}: this model has classes 0..{settings['class_num'] - 1}")
-    num_iter_list = parse_num_iter(args.num_iter_list or settings["num_iter_list"], model.num_fractal_levels - 1,
-                                   settings["model"])
+    sampling, seed, _ = sampling_for(settings, args, model, precision)
     image = load_image(args.image, size)
     unknown = make_mask(args.mask, size, args.image)
     if not unknown.any():
         raise misc.UserError(f"the mask {args.mask} leaves no pixel unknown: nothing to edit (white = unknown)")
-    labels = torch.tensor(classes).repeat_interleave(args.num_samples)
-    edits = edit_images(model, image, unknown, labels, num_iter_list, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                        temperature=args.temperature, filter_threshold=args.filter_threshold, precision=precision,
-                        seed=args.seed)
+    labels = torch.tensor(args.classes).repeat_interleave(args.num_samples)
+    edits = edit_images(model, image, unknown, labels, seed=seed, **sampling)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_png(vutils.make_grid(edits, nrow=args.num_samples, padding=0), args.output)
     pair = args.output[:-4] + "_side_by_side.png"
     save_png(side_by_side(image, unknown, edits, args.num_samples, args.upscale), pair)
-    print(f"{settings['model']}: {len(edits)} edits of {args.image} (mask {args.mask}, classes {args.classes}) "
-          f"-> {args.output}, {pair}")
+    print(f"{settings['model']}: {len(edits)} edits of {args.image} (mask {args.mask}, classes "
+          f"{','.join(map(str, args.classes))}) -> {args.output}, {pair}")
 
 
 def cli(argv=None):
     """Run the command; a bad input prints one line and returns 2, having written nothing."""
-    try:
-        main(get_args_parser().parse_args(argv))
-    except misc.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return misc.run_command(lambda: main(get_args_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

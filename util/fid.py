@@ -21,7 +21,7 @@ import torch.nn as nn
 from PIL import Image
 from tqdm import tqdm
 
-from util.checks import check_device, default_device
+from util.flags import add_device_flags
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 FEATURE_DIM = 2048
@@ -298,11 +298,10 @@ def main(argv=None):
         p.add_argument("image_dir")
         p.add_argument(second)
         p.add_argument("--inception_weights", default=None, help="local torch-fidelity InceptionV3 weights")
-        p.add_argument("--device", default=default_device())
+        add_device_flags(p, precision=False)
         p.add_argument("--batch_size", type=int, default=64)
     args = parser.parse_args(argv)
     try:
-        check_device(args.device)
         device = torch.device(args.device)
         if args.command == "stats":
             compute_fid_stats(args.image_dir, args.out_path, device, args.inception_weights, args.batch_size)

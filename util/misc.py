@@ -6,11 +6,15 @@ import datetime
 import errno
 import json
 import os
+import signal
 import socket
+import sys
 import time
 
 import torch
 import torch.distributed as dist
+
+import util.stop as stop
 
 
 def keep_freed_memory(mmap_threshold=256 << 20, trim_threshold=256 << 20):
@@ -38,36 +42,59 @@ class UserError(ValueError):
     """A bad input or setting: reported as one line that says what to do, without a traceback."""
 
 
+def run_command(work):
+    """Run a command's `work()` and return its exit code: 0, or 2 after a UserError printed as one line,
+    or 143/130 after a stop signal (SIGTERM, Ctrl-C) with its line. Every command's __main__ calls it."""
+    previous = signal.getsignal(signal.SIGTERM)
+    stop.install()
+    try:
+        work()
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except stop.Stopped as e:
+        if is_main_process():
+            print(e, file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("stopped by Ctrl-C", file=sys.stderr)
+        return stop.EXIT_CODES[signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if is_dist():
+            dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- distributed
-def init_distributed_mode(args):
-    """Set args.rank / world_size / gpu / distributed from torchrun, OpenMPI (--dist_on_itp) or SLURM;
-    a plain `python main_fractalgen.py` runs as one process. NCCL on CUDA, gloo on CPU."""
+def init_distributed_mode(device_name, dist_on_itp=False, dist_url="env://"):
+    """Join the process group that torchrun, OpenMPI (--dist_on_itp) or SLURM started, and return this
+    process's device (on CUDA, its local GPU); a plain `python main_fractalgen.py` runs as one process.
+    NCCL on CUDA, gloo on CPU."""
     env = os.environ
-    if args.dist_on_itp:
-        args.rank, args.world_size = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
-        args.gpu = int(env["OMPI_COMM_WORLD_LOCAL_RANK"])
-        args.dist_url = f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
-        env.update(LOCAL_RANK=str(args.gpu), RANK=str(args.rank), WORLD_SIZE=str(args.world_size))
+    if dist_on_itp:
+        rank, world_size = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
+        local_rank = int(env["OMPI_COMM_WORLD_LOCAL_RANK"])
+        dist_url = f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+        env.update(LOCAL_RANK=str(local_rank), RANK=str(rank), WORLD_SIZE=str(world_size))
     elif "RANK" in env and "WORLD_SIZE" in env:
-        args.rank, args.world_size, args.gpu = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+        rank, world_size, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+        rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local_rank = rank % max(torch.cuda.device_count(), 1)
     else:
-        args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
-        return
-    args.distributed = True
-    use_cuda = args.device.startswith("cuda")
+        return torch.device(device_name)
+    use_cuda = device_name.startswith("cuda")
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device(device_name)
     if use_cuda:
-        torch.cuda.set_device(args.gpu)
-        args.device = f"cuda:{args.gpu}"
+        torch.cuda.set_device(device)
     # torchrun keeps one key-value store across the restarts of --max-restarts; keys of the attempt
     # that died (such as a dead worker's address) would be read as current, so each attempt gets its own
-    store, _, _ = next(dist.rendezvous(args.dist_url, rank=args.rank, world_size=args.world_size))
+    store, _, _ = next(dist.rendezvous(dist_url, rank=rank, world_size=world_size))
     store = dist.PrefixStore(f"fractalgen/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=store,
-                            world_size=args.world_size, rank=args.rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=store, world_size=world_size, rank=rank)
     dist.barrier()
+    return device
 
 
 def is_dist():

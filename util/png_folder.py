@@ -1,0 +1,223 @@
+"""The folder of generated PNGs that FID/IS are computed on: class-balanced, resumable, shared by ranks.
+
+Image i is `{i:05d}.png`, of class i // (num_images / class_num). A batch's images depend only on
+(seed, its first index, batch size, device), so a rerun after a crash keeps the valid PNGs already there
+and regenerates exactly the missing ones; `generation.json` records which weights made the folder,
+and images of other weights (an earlier --online_eval) are replaced.
+"""
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+import util.misc as misc
+import util.stop as stop
+from util.sampling import compile_sampling, sample_classes, to_uint8
+
+MANIFEST = "generation.json"
+# --gen_bsz auto starts here, capped by the images per process, and halves on out-of-memory; on the
+# CPU (where running out of memory is not an exception) it stays at 256.
+AUTO_GEN_BSZ, AUTO_GEN_BSZ_CPU = 1024, 256
+
+
+def labels_of(num_images, class_num):
+    """Class of each image: num_images split equally over the classes, in order."""
+    return torch.arange(num_images) // (num_images // class_num)
+
+
+def folder_of(args):
+    """The folder's name says how its images were made (the release's naming)."""
+    return os.path.join(args.output_dir, f"ariter{args.num_iter_list.replace(',', '-')}-temp{args.temperature}-"
+                                         f"{args.cfg_schedule}cfg{args.cfg}-filter{args.filter_threshold}-"
+                                         f"image{args.num_images}-res{args.img_size}")
+
+
+def weights_fingerprint(model):
+    """A number that changes with any weight: tells whether a folder's images came from this model."""
+    sums = [(i + 1) * t.detach().double().sum() for i, t in enumerate(model.state_dict().values())]
+    return f"{torch.stack(sums).sum().item():.12e}"
+
+
+def is_valid_png(path, size):
+    """An image file that decodes completely to size×size RGB (a killed writer leaves no such file)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.size == (size, size) and img.mode == "RGB"
+    except (OSError, ValueError):
+        return False
+
+
+def prepare(folder, model, model_name):
+    """Rank 0: make the folder, drop half-written files, and if its images came from other weights,
+    remove them; record these weights."""
+    if not misc.is_main_process():
+        return
+    os.makedirs(folder, exist_ok=True)
+    manifest_path = os.path.join(folder, MANIFEST)
+    manifest = {"model": model_name, "weights": weights_fingerprint(model)}
+    old = json.load(open(manifest_path)) if os.path.exists(manifest_path) else None
+    pngs = [f for f in os.listdir(folder) if f.endswith(".png")]
+    stale = [f for f in os.listdir(folder) if ".tmp" in f] + (pngs if old != manifest else [])  # only we write here
+    if old != manifest and pngs:
+        print(f"Removing {len(pngs)} images in {folder}: they came from other weights", flush=True)
+    for f in stale:
+        os.remove(os.path.join(folder, f))
+    with misc.write_atomically(manifest_path) as f:
+        f.write(json.dumps(manifest).encode())
+
+
+def batch_seed(seed, first_index):
+    """The random seed of the batch starting at image `first_index`: a batch's images depend only on
+    (seed, batch, device), not on the number of ranks or on which batches were generated before."""
+    return int(np.random.SeedSequence([seed, first_index]).generate_state(1)[0])
+
+
+def write_png(pixels, path):
+    """Save through a temporary name, so a killed process never leaves a half-written image (not fsynced:
+    a rerun checks every image anyway)."""
+    with misc.write_atomically(path, sync=False) as f:
+        Image.fromarray(pixels).save(f, format="PNG")
+
+
+@torch.no_grad()
+def generate(model, args, device, sampling, gen_bsz):
+    """Make sure the folder holds args.num_images class-balanced PNGs: images already there and valid are
+    kept, the batches with missing or broken ones are generated again (with their own seeds, so the same
+    images come out). `sampling`: sample_classes' settings; `gen_bsz`: images per batch and process, or
+    "auto". Returns the folder, the batch size used and seconds per generated image."""
+    model.eval()
+    compile_sampling(model, args.compile_sampling)
+    folder = folder_of(args)
+    prepare(folder, model, args.model)
+    misc.barrier()
+    labels = labels_of(args.num_images, args.class_num)
+    valid = {}  # image index -> whether a good PNG is there, checked once
+    auto = gen_bsz == "auto"
+    bsz = first_auto_gen_bsz(args.num_images, device) if auto else gen_bsz
+    todo, kept = pending_batches(folder, args.num_images, args.img_size, bsz, valid)
+    kept = int(misc.all_reduce_sum(torch.tensor([kept], device=device)).item())
+    if misc.is_main_process():
+        print(f"Generation: kept {kept} of {args.num_images} images already in {folder}; "
+              f"generating {args.num_images - kept}", flush=True)
+    bar = tqdm(total=args.num_images, initial=kept, unit="img", desc="Generation", smoothing=0,
+               disable=not misc.is_main_process())
+
+    def make(first, bsz):
+        """The images of the batch starting at `first` (uint8, n×h×w×3)."""
+        idx = torch.arange(first, min(first + bsz, args.num_images))
+        try:
+            return to_uint8(sample_classes(model, labels[idx].to(device), seed=batch_seed(args.seed, first),
+                                           **sampling))
+        except torch.OutOfMemoryError:
+            if auto:
+                raise
+            raise misc.UserError(f"--gen_bsz {bsz} does not fit in the memory of {device}: pass a smaller "
+                                 f"--gen_bsz (e.g. {max(bsz // 2, 1)}), or --gen_bsz auto to use the largest "
+                                 "that fits") from None
+
+    def write(first, missing, images):
+        for index, img in enumerate(images, start=first):
+            if index in missing:
+                write_png(img, os.path.join(folder, f"{index:05d}.png"))
+        bar.update(min(len(missing) * misc.get_world_size(), bar.total - bar.n))  # rank 0's share, times ranks
+
+    start, made = time.time(), 0
+    try:
+        if auto:
+            bsz, todo, made = choose_gen_bsz(bsz, todo, make, write, folder, args, valid, device)
+        for first, missing in todo:
+            if stop.requested():  # per rank: ranks may have different numbers of batches left
+                raise stop.Stopped(stop.requested(), f"stopped by {stop.name(stop.requested())}: the images "
+                                   f"written so far are kept in {folder}; run the same command to continue")
+            write(first, missing, make(first, bsz))
+            made += len(missing)
+    except BaseException:
+        bar.close()  # a stopped or failed run leaves its bar where it stood, not at interpreter exit
+        raise
+    misc.barrier()
+    seconds = time.time() - start
+    report_speed(bar, kept, made, seconds, device)
+    return folder, bsz, seconds / max(made, 1)
+
+
+def pending_batches(folder, num_images, img_size, bsz, valid):
+    """This rank's batches of `bsz` images (every world_size-th) that miss a valid PNG, as
+    (first index, set of missing indices), and how many of its images are there already."""
+    todo, kept = [], 0
+    for first in list(range(0, num_images, bsz))[misc.get_rank()::misc.get_world_size()]:
+        indices = range(first, min(first + bsz, num_images))
+        for i in indices:
+            if i not in valid:
+                valid[i] = is_valid_png(os.path.join(folder, f"{i:05d}.png"), img_size)
+        missing = {i for i in indices if not valid[i]}
+        kept += len(indices) - len(missing)
+        if missing:
+            todo.append((first, missing))
+    return todo, kept
+
+
+def first_auto_gen_bsz(num_images, device):
+    """The first batch size --gen_bsz auto tries: a power of two, no more than a process's images."""
+    start = AUTO_GEN_BSZ_CPU if device.type == "cpu" else AUTO_GEN_BSZ
+    per_process = -(-num_images // misc.get_world_size())
+    while start > 1 and start // 2 >= per_process:
+        start //= 2
+    return start
+
+
+def choose_gen_bsz(bsz, todo, make, write, folder, args, valid, device):
+    """--gen_bsz auto: every process makes its first pending batch at `bsz`; if any runs out of
+    memory, all halve and try again. The batch that fitted is written; returns the batch size, the
+    batches left to do at it and how many images were written. Batches of another size draw other
+    images: the choice is printed."""
+    while True:
+        images, ok = None, True
+        if todo:
+            try:
+                images = make(todo[0][0], bsz)
+            except torch.OutOfMemoryError:
+                ok = False
+        if misc.all_ranks_ok(ok, device):
+            break
+        images = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if bsz == 1:
+            raise misc.UserError(f"one image at a time does not fit in the memory of {device}: free memory "
+                                 "(other processes on this device?) or use a larger device")
+        bsz //= 2
+        todo = pending_batches(folder, args.num_images, args.img_size, bsz, valid)[0]
+    if misc.is_main_process():
+        print(f"Generation: --gen_bsz auto chose {bsz} images per batch and process (these images; "
+              f"--gen_bsz {bsz} gives the same ones)", flush=True)
+    if not todo:
+        return bsz, todo, 0
+    first, missing = todo[0]
+    write(first, missing, images)
+    return bsz, todo[1:], len(missing)
+
+
+def report_speed(bar, kept, made, seconds, device):
+    """Close the progress bar at the exact count and print images/s over all processes and per process."""
+    made_all = int(misc.all_reduce_sum(torch.tensor([made], device=device)).item())
+    bar.n = kept + made_all
+    bar.refresh()
+    bar.close()
+    if misc.is_main_process() and made_all:
+        world = misc.get_world_size()
+        print(f"Generation: {made_all} images in {seconds:.1f} s: {made_all / seconds:.3f} images/s, "
+              f"{made_all / seconds / world:.3f} images/s per process ({world} process(es))", flush=True)
+
+
+def grid_of(folder, num_images, show=64):
+    """A (3, H, W) grid of the first `show` generated images spread over the classes (for TensorBoard)."""
+    import torchvision.utils as vutils
+    picks = np.linspace(0, num_images - 1, min(show, num_images)).round().astype(int)
+    images = [torch.from_numpy(np.asarray(Image.open(os.path.join(folder, f"{i:05d}.png")).convert("RGB")).copy())
+              for i in picks]
+    return vutils.make_grid(torch.stack(images).permute(0, 3, 1, 2), nrow=8, padding=2)
