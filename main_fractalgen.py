@@ -8,7 +8,6 @@ Many:          torchrun --nproc_per_node=8 main_fractalgen.py ...   (also SLURM,
 import argparse
 import math
 import os
-import signal
 import sys
 import time
 

@@ -174,9 +174,9 @@ def tree_is_complete(root, settings):
     if tree_settings(root) != settings:
         return False
     for split, counts in settings["counts"].items():
-        for name, count in counts.items():
+        for name, expected in counts.items():
             folder = os.path.join(root, split, name)
-            if not os.path.isdir(folder) or sum(f.endswith(".png") for f in os.listdir(folder)) != count:
+            if not os.path.isdir(folder) or sum(f.endswith(".png") for f in os.listdir(folder)) != expected:
                 return False
     return True
 
