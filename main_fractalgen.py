@@ -242,6 +242,8 @@ def main(args):
     ckpt_path, ckpt = checkpoint.to_resume(args, training)
     if ckpt is not None:
         checkpoint.load_model_state(model, ckpt["model"], ckpt_path)
+        if training:
+            checkpoint.check_training_state(ckpt, param_groups(model, args.weight_decay), ckpt_path)
     world, rank = misc.get_world_size(), misc.get_rank()
     pin_memory = args.pin_mem and device.type == "cuda"
     if training:

@@ -103,7 +103,73 @@ def load(path):
                         "it may be truncated: restore it or point --resume elsewhere") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path} is not a FractalGen checkpoint (no 'model' entry)")
+    problem = malformed(ckpt)
+    if problem:
+        raise UserError(f"checkpoint {path} is damaged or not one this code wrote: {problem}; restore it or point "
+                        "--resume elsewhere")
     return ckpt
+
+
+def malformed(ckpt):
+    """What is wrong with the entries of a loaded checkpoint, or None; checked at loading, so that a bad file
+    stops a run before it writes anything, not at its first step."""
+    from models.fractalgen import MODELS
+
+    def state_dict_problem(sd):
+        if not isinstance(sd, dict):
+            return f"a {type(sd).__name__}, not a state dict"
+        bad = next((k for k, v in sd.items() if not isinstance(k, str) or not torch.is_tensor(v)), None)
+        return None if bad is None else f"entry {bad!r} is a {type(sd[bad]).__name__}, not a tensor"
+
+    def is_count(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    if state_dict_problem(ckpt["model"]):
+        return f"'model' is {state_dict_problem(ckpt['model'])}"
+    args = ckpt.get("args")
+    if args is not None:
+        if not isinstance(args, argparse.Namespace):
+            return f"'args' is a {type(args).__name__}, not the argparse.Namespace main_fractalgen.py saves"
+        if getattr(args, "model", None) is not None and args.model not in MODELS:
+            return f"'args' names an unknown model {args.model!r}"
+    if "epoch" in ckpt and not is_count(ckpt["epoch"]):
+        return f"'epoch' is {ckpt['epoch']!r}, not a count"
+    optimizer = ckpt.get("optimizer")
+    if optimizer is not None and not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+                                      and isinstance(optimizer.get("param_groups"), list)):
+        return "'optimizer' is not an optimizer state dict (state and param_groups)"
+    rng = ckpt.get("rng")
+    if rng is not None and not (isinstance(rng, list) and all(
+            isinstance(r, dict) and all(torch.is_tensor(t) and t.dtype == torch.uint8 for t in r.values()) and "cpu" in r
+            for r in rng)):
+        return "'rng' is not a list of random states (one per process)"
+    at = ckpt.get("resume_at")
+    if at is not None and not (isinstance(at, dict) and all(is_count(at.get(k)) for k in ("epoch", "step", "consumed"))):
+        return f"'resume_at' is {at!r}, not {{epoch, step, consumed}} counts"
+    return None
+
+
+def check_training_state(ckpt, param_groups, path):
+    """That the checkpoint's optimizer state fits the optimizer about to be built over `param_groups`
+    (groups, parameters per group, state shapes), so that a mismatch is found before anything is written."""
+    saved = ckpt.get("optimizer")
+    if saved is None or "epoch" not in ckpt:
+        return
+    sizes = [len(g["params"]) for g in param_groups]
+    saved_sizes = [len(g.get("params", ())) if isinstance(g, dict) else None for g in saved["param_groups"]]
+    if saved_sizes != sizes:
+        raise UserError(f"the optimizer state in {path} has parameter groups of {saved_sizes} parameters, this model "
+                        f"needs {sizes}: it is another model's or another code's; pass --resume a checkpoint of "
+                        "this --model")
+    params = [p for g in param_groups for p in g["params"]]
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    for index, param in zip(ids, params):
+        state = saved["state"].get(index, {})
+        for key, t in (state.items() if isinstance(state, dict) else ()):
+            if torch.is_tensor(t) and t.ndim and t.shape != param.shape:
+                raise UserError(f"the optimizer state {key} of parameter {index} in {path} has shape "
+                                f"{tuple(t.shape)}, its parameter {tuple(param.shape)}: the checkpoint is damaged; "
+                                "restore it or point --resume elsewhere")
 
 
 def load_model_state(model, state_dict, path):

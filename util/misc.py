@@ -193,12 +193,22 @@ def write_atomically(path, sync=True):
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.errno in DISK_FULL:
+        if disk_full(e):
             raise UserError(f"disk full while writing {path}: free space in {folder} and run the same command "
                             f"again (the file it replaces, if any, is unchanged)") from None
         raise
     if sync:
         sync_folder(folder)
+
+
+def disk_full(error):
+    """Whether `error`, or an error it was raised from, is a full disk: libraries wrap the OSError (torch.save
+    raises RuntimeError "unexpected pos" from its zip writer, with the OSError as its context)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def sync_folder(folder):

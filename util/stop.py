@@ -17,8 +17,10 @@ _deferring = False
 _received = None
 
 
-class Stopped(Exception):
-    """A stop signal, acted on at a safe point (or at once outside `deferred()`)."""
+class Stopped(BaseException):
+    """A stop signal, acted on at a safe point (or at once outside `deferred()`). Like KeyboardInterrupt it
+    is not an Exception, so that code catching bad data (an image that does not decode, a failed download)
+    never takes a stop for it."""
 
     def __init__(self, signum, message):
         super().__init__(message)

@@ -1,0 +1,161 @@
+"""Real file systems and damaged files: a full disk (a small tmpfs), a stop signal during decoding,
+checkpoints that load but are not what they say, damaged results files, dangling symlinks."""
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main_fractalgen
+import util.checkpoint as checkpoint
+import util.misc as misc
+import util.stop as stop
+from helpers import MODEL_ARGS, write_image_folder
+from util.data import SkipCorruptImages
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_image_folder(str(tmp_path_factory.mktemp("data")))
+
+
+def train_argv(data, out, *extra):
+    return MODEL_ARGS + ["--data_path", data, "--output_dir", out, "--resume", out, "--batch_size", "8",
+                         "--warmup_epochs", "1", "--save_last_freq", "100", "--epochs", "1"] + list(extra)
+
+
+def one_line(error):
+    return "\n" not in str(error.value)
+
+
+@contextlib.contextmanager
+def small_disk(folder, size="3m"):
+    """`folder` as a real tmpfs of `size` (root only: skipped where mounting is refused)."""
+    os.makedirs(folder, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip() or 'not root'})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", folder], check=True)
+
+
+@pytest.fixture(scope="module")
+def trained_run(data, tmp_path_factory):
+    """The output folder of one epoch of training (a checkpoint with optimizer, scaler, rng, args)."""
+    out = str(tmp_path_factory.mktemp("run") / "out")
+    main_fractalgen.main(main_fractalgen.parse_args(train_argv(data, out)))
+    misc.release_output_dir(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- a full disk, for real
+def test_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_previous(tmp_path):
+    with small_disk(str(tmp_path / "disk"), "1m") as disk:
+        path = checkpoint.path_in(disk)
+        checkpoint.atomic_save({"model": {"w": torch.ones(3)}}, path)
+        before = open(path, "rb").read()
+        with pytest.raises(misc.UserError, match=f"disk full while writing {path}: free space in {disk} ") as e:
+            checkpoint.atomic_save({"model": {"w": torch.zeros(1 << 20)}}, path)  # 4 MB on a 1 MB disk
+        assert one_line(e) and open(path, "rb").read() == before and os.listdir(disk) == [checkpoint.NAME]
+
+
+def test_full_disk_during_training_stops_with_one_line(data, tmp_path):
+    """A checkpoint (about 15 MB with the optimizer state) that does not fit: exit 2, nothing half-written."""
+    with small_disk(str(tmp_path / "disk"), "8m") as out:
+        result = subprocess.run([*main_command(), *train_argv(data, out)], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 2, result.stderr[-2000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: disk full while writing {checkpoint.path_in(out)}: free space in "), last
+        assert "Traceback" not in result.stderr
+        assert not [f for f in os.listdir(out) if ".tmp" in f] and not os.path.exists(checkpoint.path_in(out))
+
+
+def main_command():
+    import sys
+    return [sys.executable, "main_fractalgen.py"]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- a stop is not bad data
+def test_a_stop_signal_while_an_image_decodes_stops_instead_of_skipping_it(tmp_path):
+    folder = tmp_path / "images" / "c"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8)).save(folder / "a.png")
+    dataset = SkipCorruptImages(str(tmp_path / "images"), transform=lambda image: 0)
+    previous = signal.getsignal(signal.SIGTERM)
+    stop.install()
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        with warnings.catch_warnings(record=True) as caught, pytest.raises(stop.Stopped):
+            warnings.simplefilter("always")
+            timer.start()
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                dataset[0]
+        assert not [w for w in caught if "skipping image" in str(w.message)]
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ----------------------------------------------------------------------------- checkpoints that load but are wrong
+def damage(key, value):
+    def change(ckpt):
+        ckpt[key] = value(ckpt) if callable(value) else value
+    return change
+
+
+def change_args(**kw):
+    def change(ckpt):
+        ckpt["args"] = argparse.Namespace(**{**vars(ckpt["args"]), **kw})
+    return change
+
+
+def bad_optimizer_shape(ckpt):
+    state = ckpt["optimizer"]["state"]
+    first = next(iter(state))
+    state[first]["exp_avg"] = torch.zeros(7, 7)
+
+
+def drop_group(ckpt):
+    ckpt["optimizer"]["param_groups"] = ckpt["optimizer"]["param_groups"][:1]
+
+
+DAMAGED = [
+    ("args-dict", damage("args", lambda c: vars(c["args"])), r"'args' is a dict, not the argparse.Namespace"),
+    ("unknown-model", change_args(model="fractalmar_gigantic"), r"'args' names an unknown model 'fractalmar_gigantic'"),
+    ("model-list", damage("model", lambda c: list(c["model"].values())), r"'model' is a list, not a state dict"),
+    ("weight-not-tensor", damage("model", lambda c: {**c["model"], next(iter(c["model"])): [1.0, 2.0]}),
+     r"'model' is entry '.*' is a list, not a tensor"),
+    ("optimizer-groups", drop_group, r"parameter groups of \[\d+\] parameters, this model needs \[\d+, \d+\]"),
+    ("optimizer-shape", bad_optimizer_shape, r"optimizer state exp_avg of parameter \d+ .* has shape \(7, 7\)"),
+    ("rng", damage("rng", [{"cpu": "not a state"}]), r"'rng' is not a list of random states"),
+    ("resume_at", damage("resume_at", {"epoch": 1, "step": "x"}), r"'resume_at' is .*, not \{epoch, step, consumed\}"),
+]
+
+
+@pytest.mark.parametrize("change, message", [d[1:] for d in DAMAGED], ids=[d[0] for d in DAMAGED])
+def test_a_damaged_checkpoint_is_one_line_before_anything_is_written(data, trained_run, tmp_path, change, message):
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    ckpt = torch.load(checkpoint.path_in(trained_run), weights_only=False)
+    change(ckpt)
+    torch.save(ckpt, checkpoint.path_in(out))
+    with pytest.raises(misc.UserError, match=message) as e:
+        main_fractalgen.main(main_fractalgen.parse_args(train_argv(data, out, "--epochs", "2")))
+    assert one_line(e) and os.listdir(out) == [checkpoint.NAME]
