@@ -159,3 +159,51 @@ def test_a_damaged_checkpoint_is_one_line_before_anything_is_written(data, train
     with pytest.raises(misc.UserError, match=message) as e:
         main_fractalgen.main(main_fractalgen.parse_args(train_argv(data, out, "--epochs", "2")))
     assert one_line(e) and os.listdir(out) == [checkpoint.NAME]
+
+
+# ----------------------------------------------------------------------------- damaged results, symlinks
+@pytest.mark.parametrize("damaged", [b"[1, 2]", b'{"nll": {"bpd"', b""], ids=["a-list", "cut-short", "empty"])
+def test_a_damaged_results_file_is_set_aside_and_the_new_result_kept(data, trained_run, tmp_path, damaged, capsys):
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    open(os.path.join(out, "results.json"), "wb").write(damaged)
+    main_fractalgen.main(main_fractalgen.parse_args(
+        MODEL_ARGS + ["--data_path", data, "--resume", trained_run, "--output_dir", out, "--evaluate_nll"]))
+    assert "bpd" in json.load(open(os.path.join(out, "results.json")))["nll"]
+    aside = [f for f in os.listdir(out) if f.startswith("results.json.damaged-")]
+    assert len(aside) == 1 and open(os.path.join(out, aside[0]), "rb").read() == damaged
+    assert f"moved it to {os.path.join(out, aside[0])}" in capsys.readouterr().out
+
+
+def test_results_and_temporaries_are_never_written_through_a_symlink(data, trained_run, tmp_path):
+    out, victim = str(tmp_path / "out"), tmp_path / "someone_elses_file"
+    os.makedirs(out)
+    victim.write_bytes(b"precious")
+    os.symlink(victim, os.path.join(out, "results.json"))
+    os.symlink(victim, os.path.join(out, f"results.json.tmp.{os.getpid()}"))
+    with pytest.raises(OSError):  # a planted temporary name is refused, not followed
+        misc.update_results(out, nll={"bpd": 1.0})
+    assert not os.path.lexists(os.path.join(out, f"results.json.tmp.{os.getpid()}"))  # the failed writer's name
+    misc.update_results(out, nll={"bpd": 1.0})
+    assert victim.read_bytes() == b"precious" and not os.path.islink(os.path.join(out, "results.json"))
+    assert json.load(open(os.path.join(out, "results.json"))) == {"nll": {"bpd": 1.0}}
+
+
+def test_an_empty_generation_manifest_makes_the_images_again(trained, tmp_path):
+    from helpers import generate_pngs
+    from util import png_folder
+    out = str(tmp_path / "out")
+    first, args = generate_pngs(trained, out)
+    open(os.path.join(png_folder.folder_of(args), png_folder.MANIFEST), "w").close()
+    misc.release_output_dir(out)
+    again, _ = generate_pngs(trained, out)
+    assert again == first
+
+
+def test_a_dangling_symlink_as_output_dir_is_one_line(data, tmp_path):
+    link = str(tmp_path / "out")
+    os.symlink(tmp_path / "gone", link)
+    with pytest.raises(misc.UserError, match=f"--output_dir {link}: {link} is a symlink to .*gone, which does not "
+                                             "exist") as e:
+        main_fractalgen.main(main_fractalgen.parse_args(train_argv(data, link)))
+    assert one_line(e) and not os.path.exists(tmp_path / "gone")

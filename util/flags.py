@@ -177,6 +177,9 @@ def check_writable_folder(flag, folder):
         raise UserError(f"--{flag} {folder} is a file, not a folder; choose another --{flag}")
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):
+        if os.path.islink(existing):
+            raise UserError(f"--{flag} {folder}: {existing} is a symlink to {os.readlink(existing)}, which does not "
+                            f"exist; make its target or choose another --{flag}")
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise UserError(f"--{flag} {folder}: {existing} is a file, so the folder cannot be made; choose another "

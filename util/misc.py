@@ -173,6 +173,7 @@ class ProgressLogger:
 
 
 # ----------------------------------------------------------------------------- files
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space, or over quota
 
 
@@ -184,7 +185,8 @@ def write_atomically(path, sync=True):
     folder = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        # never through a symlink planted at the temporary name: the new file replaces `path` itself
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o644), "wb") as f:
             yield f
             if sync:
                 f.flush()
@@ -293,10 +295,27 @@ def update_results(output_dir, **results):
     if not is_main_process():
         return
     path = os.path.join(output_dir, "results.json")
-    data = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            data = json.load(f)
+    data = read_json(path) or {}
     data.update(results)
     with write_atomically(path) as f:
         f.write(json.dumps(data, indent=2).encode())
+
+
+def read_json(path):
+    """The dict in the JSON file `path` that this code wrote, or None where there is none. A damaged file (cut
+    short, empty, not a dict, a symlink: never read through) is renamed aside, with a line saying so, so that
+    the result about to be written is not lost to it and the old bytes are kept."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        with os.fdopen(os.open(path, os.O_RDONLY | NOFOLLOW)) as f:
+            data = json.load(f)
+        if isinstance(data, dict):
+            return data
+        problem = f"holds a {type(data).__name__}, not a dict"
+    except (OSError, ValueError) as e:
+        problem = "is a symlink" if os.path.islink(path) else f"does not read as JSON ({e})"
+    aside = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(path, aside)
+    print(f"{path} {problem}: moved it to {aside} and writing a new one", flush=True)
+    return None

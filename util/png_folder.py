@@ -60,7 +60,7 @@ def prepare(folder, model, model_name):
     os.makedirs(folder, exist_ok=True)
     manifest_path = os.path.join(folder, MANIFEST)
     manifest = {"model": model_name, "weights": weights_fingerprint(model)}
-    old = json.load(open(manifest_path)) if os.path.exists(manifest_path) else None
+    old = misc.read_json(manifest_path)  # a damaged one: the images' weights are unknown, so they are made again
     pngs = [f for f in os.listdir(folder) if f.endswith(".png")]
     stale = [f for f in os.listdir(folder) if ".tmp" in f] + (pngs if old != manifest else [])  # only we write here
     if old != manifest and pngs:
