@@ -147,11 +147,8 @@ def get_args_parser():
 
 def released_checkpoint(name, download_dir, url=None):
     """The released model's checkpoint, fetched by util.download unless it is there already."""
-    from util.download import DownloadError, download_pretrained
-    try:
-        return download_pretrained(name, download_dir, url=url)
-    except DownloadError as e:
-        raise misc.UserError(str(e)) from None
+    from util.download import download_pretrained
+    return download_pretrained(name, download_dir, url=url)
 
 
 def main(args):

@@ -14,7 +14,7 @@ import torch
 
 import util.misc as misc
 from models.fractalgen import RELEASED
-from util.download import DownloadError, download_pretrained
+from util.download import download_pretrained
 from util.flags import Parser, add_device_flags, add_sampling_flags, count, int_list
 from util.sampling import grid_upscale, load_model, precision_for, sampling_for, save_sample_grid
 
@@ -43,10 +43,7 @@ def get_args_parser():
 def sample(args):
     """Write the grid; returns (path, the settings used)."""
     precision = precision_for(args)
-    try:
-        path = args.checkpoint or download_pretrained(args.model, args.download_dir)
-    except DownloadError as e:
-        raise misc.UserError(str(e)) from None
+    path = args.checkpoint or download_pretrained(args.model, args.download_dir)
     model, settings = load_model(path, torch.device(args.device), model_name=args.model or args.model_name)
     if args.classes is not None:
         classes = args.classes
