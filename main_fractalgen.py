@@ -194,9 +194,9 @@ def check_args(args):
             if args.num_images < 10:
                 raise misc.UserError(f"the Inception Score uses 10 splits: scoring needs --num_images >= 10, got "
                                      f"{args.num_images} (or pass --fid_stats none to generate without scoring)")
-            from util.fid import load_fid_stats
+            from util.fid import check_scoring
             try:
-                load_fid_stats(args.fid_stats)
+                check_scoring(args.fid_stats, torch.device("cpu"), args.fid_inception_weights)
             except ValueError as e:
                 raise misc.UserError(f"{e} (or pass --fid_stats none to generate without scoring)") from None
 

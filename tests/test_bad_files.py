@@ -207,3 +207,53 @@ def test_a_dangling_symlink_as_output_dir_is_one_line(data, tmp_path):
                                              "exist") as e:
         main_fractalgen.main(main_fractalgen.parse_args(train_argv(data, link)))
     assert one_line(e) and not os.path.exists(tmp_path / "gone")
+
+
+# ----------------------------------------------------------------------------- --evaluate_gen checks scoring first
+def test_evaluate_gen_checks_scoring_inputs_before_any_image(trained, tmp_path):
+    from util.fid import save_fid_stats
+    stats = str(tmp_path / "small.npz")
+    save_fid_stats(stats, np.zeros(64), np.eye(64))
+    out = str(tmp_path / "out")
+    argv = MODEL_ARGS + ["--resume", trained, "--output_dir", out, "--evaluate_gen", "--num_images", "12",
+                         "--num_iter_list", "2,2", "--fid_stats", stats]
+    with pytest.raises(misc.UserError, match="holds 64-d statistics; Inception FID needs 2048-d") as e:
+        main_fractalgen.main(main_fractalgen.parse_args(argv))
+    assert one_line(e) and not os.path.exists(out)
+
+
+# ----------------------------------------------------------------------------- util.sample and util.edit outputs
+@pytest.mark.parametrize("output, message", [
+    ("folder.png", "folder.png is a folder; name a .png file in it"), ("grid.txt", "must name a .png file"),
+    ("a_file/grid.png", "a_file is a file, not a folder")], ids=["folder", "no-png", "under-a-file"])
+def test_sample_checks_its_output_before_sampling(trained, tmp_path, output, message, capsys):
+    from util.sample import main
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "folder.png").mkdir()
+    assert main(["--checkpoint", checkpoint.path_in(trained), "--model_name", "fractalar_in64",
+                 "--output", str(tmp_path / output)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_a_full_disk_leaves_no_empty_grid(tmp_path):
+    from util.sampling import save_png
+    with small_disk(str(tmp_path / "disk"), "64k") as disk:
+        with pytest.raises(misc.UserError, match="disk full while writing"):
+            save_png(torch.rand(3, 512, 512), os.path.join(disk, "grid.png"))  # random pixels: ~800 KB of PNG
+        assert os.listdir(disk) == []
+
+
+def test_edit_refuses_a_decompression_bomb_in_one_line(tmp_path):
+    import struct
+    import zlib
+    from util.edit import open_image
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    bomb = tmp_path / "bomb.png"  # a header that claims 30000×30000 pixels, and one row of data
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 90001)) + chunk(b"IEND", b""))
+    with pytest.raises(misc.UserError, match="cannot read .*bomb.png as an image .DecompressionBombError") as e:
+        open_image(str(bomb))
+    assert one_line(e)

@@ -10,7 +10,7 @@ import pytest
 from models.fractalgen import RELEASED
 import util.download
 from util.download import CHECKPOINTS, download, download_fid_stats, download_pretrained, main
-from util.misc import UserError, run_command
+from util.misc import UserError
 from util.fid import load_fid_stats
 
 PAYLOAD = bytes(range(256)) * 400
@@ -110,7 +110,7 @@ def test_checkpoints(server, tmp_path, capsys):
     path = download_pretrained("fractalmar_in64", str(tmp_path), url=f"{server}/fractalmar_in64.pth")
     assert path == str(tmp_path / "fractalmar_in64" / "checkpoint-last.pth")
     assert download_pretrained("fractalmar_in64", str(tmp_path)) == path  # already there: no URL needed
-    assert run_command(lambda: main(["fractalmar_in6"])) == 2
+    assert main(["fractalmar_in6"]) == 2
     assert "fractalmar_huge_in256" in capsys.readouterr().err
 
 
@@ -122,10 +122,10 @@ def test_released_checkpoints_need_no_url(server, tmp_path, monkeypatch):
         RangeHandler.files[f"/{name}.pth"] = torch_file({"model": {name: torch.ones(1)}})
         monkeypatch.setitem(RELEASED[name], "url", f"{server}/{name}.pth")
     monkeypatch.chdir(tmp_path)
-    assert run_command(lambda: main(["fractalar_in64"])) == 0
+    assert main(["fractalar_in64"]) == 0
     assert open("pretrained_models/fractalar_in64/checkpoint-last.pth", "rb").read() == RangeHandler.files[
         "/fractalar_in64.pth"]
-    assert run_command(lambda: main(["all"])) == 0
+    assert main(["all"]) == 0
     for name in CHECKPOINTS:
         assert open(f"pretrained_models/{name}/checkpoint-last.pth", "rb").read() == RangeHandler.files[f"/{name}.pth"]
 
@@ -136,7 +136,7 @@ def test_a_web_page_is_never_kept_as_a_checkpoint(server, tmp_path, monkeypatch,
     argv = ["fractalmar_in64", "--url", f"{server}/share"]
     monkeypatch.chdir(tmp_path)
     for _ in range(2):  # and a second run does not take it for downloaded
-        assert run_command(lambda: main(argv)) == 2
+        assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
         assert err.startswith("error: ") and f"sent an HTML page of {len(HTML)} bytes, not a checkpoint" in err
         assert os.listdir(tmp_path / "pretrained_models" / "fractalmar_in64") == []
@@ -157,7 +157,7 @@ def test_statistics_that_are_not_inceptions_are_refused(server, tmp_path, mu, si
 
 def test_bad_url_stalled_server_and_a_url_ending_in_a_slash(server, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert run_command(lambda: main(["adm_in64_stats", "--url", "notaurl"])) == 2
+    assert main(["adm_in64_stats", "--url", "notaurl"]) == 2
     assert "--url notaurl is not a URL" in capsys.readouterr().err and os.listdir(tmp_path) == []
     monkeypatch.setattr(util.download, "TIMEOUT", 1)
     with pytest.raises(UserError, match=r"sent nothing for 1 s: run the same command again to continue"):

@@ -210,3 +210,30 @@ def test_cli_stats_offline_says_to_pass_the_weights(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "--inception_weights" in err, err
     assert not os.path.exists(tmp_path / "out.npz")
+
+
+# ----------------------------------------------------------------------------- bad inputs, checked first
+def test_cli_refuses_a_bad_batch_size_and_an_image_that_does_not_decode(offline, tmp_path, capsys):
+    out = str(tmp_path / "out.npz")
+    assert fid.main(["stats", offline["dirs"]["a"], out, "--batch_size", "-1"]) == 2
+    assert "--batch_size must be at least 1, got -1" in capsys.readouterr().err and not os.path.exists(out)
+    folder = tmp_path / "images"
+    write_shapes(str(folder), 3, seed=0, shape="ellipse")
+    (folder / "001.png").write_bytes(b"not a png")
+    assert fid.main(["stats", str(folder), out, "--inception_weights", offline["weights"], "--device", "cpu"]) == 2
+    err = re.split(r"[\r\n]", capsys.readouterr().err.strip())[-1]  # after the progress bar
+    assert err.startswith("error: ") and "001.png does not decode as an image" in err and not os.path.exists(out)
+
+
+def test_check_scoring_refuses_what_would_fail_after_the_last_image(offline, tmp_path):
+    small, nan = str(tmp_path / "small.npz"), str(tmp_path / "nan.npz")
+    fid.save_fid_stats(small, np.zeros(64), np.eye(64))
+    fid.save_fid_stats(nan, np.full(2048, np.nan), np.eye(2048))
+    not_weights = tmp_path / "weights.pth"
+    not_weights.write_bytes(b"<html>sign in</html>")
+    for stats, weights, message in ((small, offline["weights"], "holds 64-d statistics"),
+                                    (nan, offline["weights"], "holds nan or inf"),
+                                    (offline["stats"]["a"], str(not_weights), "does not load as torch-fidelity")):
+        with pytest.raises(ValueError, match=message):
+            fid.check_scoring(stats, CPU, weights)
+    fid.check_scoring(offline["stats"]["a"], CPU, offline["weights"])

@@ -165,6 +165,11 @@ def download_fid_stats(name, dest_dir="fid_stats", url=None):
 
 
 def main(argv=None):
+    """The command; returns its exit code (2 after a bad input, printed as one line)."""
+    return run_command(lambda: fetch(argv))
+
+
+def fetch(argv):
     p = Parser(prog="python -m util.download", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="+", help=f"any of: {', '.join(CHECKPOINTS + tuple(STATS))}, or all "
@@ -175,9 +180,9 @@ def main(argv=None):
     if args.url and len(names) > 1:
         raise UserError("--url goes with one name")
     for name in names:
-        fetch = download_fid_stats if name in STATS else download_pretrained
-        print(f"{name}: {fetch(name, url=args.url)}")
+        get = download_fid_stats if name in STATS else download_pretrained
+        print(f"{name}: {get(name, url=args.url)}")
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main))
+    sys.exit(main())

@@ -25,8 +25,8 @@ from PIL import Image
 import util.misc as misc
 from models.fractalgen import RELEASED
 from util.crop import center_crop_arr
-from util.flags import Parser, add_device_flags, add_sampling_flags, count, int_list
-from util.sampling import edit_images, load_model, precision_for, sampling_for
+from util.flags import Parser, add_device_flags, add_sampling_flags, check_output_png, count, int_list
+from util.sampling import edit_images, load_model, precision_for, sampling_for, save_png
 
 SHAPES = ("center", "left", "right", "top", "bottom", "border")
 
@@ -45,8 +45,8 @@ def open_image(path):
         with Image.open(path) as image:
             image.load()
             return image
-    except OSError as e:
-        raise misc.UserError(f"cannot read {path} as an image ({e})") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image, truncated, a decompression bomb
+        raise misc.UserError(f"cannot read {path} as an image ({type(e).__name__}: {e})") from None
 
 
 def shape_mask(shape, img_size):
@@ -116,10 +116,6 @@ def side_by_side(image, unknown, edits, per_row, upscale=4):
     return vutils.make_grid(tiles, nrow=per_row + 2, padding=max(upscale, 2), pad_value=0.5)  # grey: the mask's white shows
 
 
-def save_png(tensor, path):
-    """A (3, H, W) tensor in [0, 1] as an 8-bit PNG (exact for 8-bit values)."""
-    array = (tensor.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    Image.fromarray(array).save(path)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -153,8 +149,7 @@ def released_checkpoint(name, download_dir, url=None):
 
 def main(args):
     precision = precision_for(args)
-    if not args.output.lower().endswith(".png"):
-        raise misc.UserError(f"--output must name a .png file, got {args.output}")
+    check_output_png("output", args.output)
     for path in (args.image, *([args.mask] if args.mask not in SHAPES and args.mask.count(",") != 3 else [])):
         open_image(path)  # a missing or unreadable file stops us before the model loads
     if not (args.checkpoint or args.model):
@@ -174,7 +169,6 @@ def main(args):
         raise misc.UserError(f"the mask {args.mask} leaves no pixel unknown: nothing to edit (white = unknown)")
     labels = torch.tensor(args.classes).repeat_interleave(args.num_samples)
     edits = edit_images(model, image, unknown, labels, seed=seed, **sampling)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_png(vutils.make_grid(edits, nrow=args.num_samples, padding=0), args.output)
     pair = args.output[:-4] + "_side_by_side.png"
     save_png(side_by_side(image, unknown, edits, args.num_samples, args.upscale), pair)

@@ -9,7 +9,6 @@ with `compute_fid_is`. Upstream torch-fidelity 0.4.0 cannot score against saved 
     python -m util.fid stats IMAGE_DIR OUT.npz [--inception_weights P] [--device D] [--batch_size N]
     python -m util.fid score IMAGE_DIR STATS.npz [--inception_weights P] [--device D] [--batch_size N]
 """
-import argparse
 import os
 import sys
 import tempfile
@@ -21,7 +20,8 @@ import torch.nn as nn
 from PIL import Image
 from tqdm import tqdm
 
-from util.flags import add_device_flags
+from util.flags import Parser, add_device_flags, count
+from util.misc import UserError, run_command
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 FEATURE_DIM = 2048
@@ -56,7 +56,19 @@ def load_fid_stats(path):
     if d is None or sigma.shape != (d, d):
         raise ValueError(f"FID statistics file {path} has mu {mu.shape} and sigma {sigma.shape}, "
                          f"expected (d,) and (d, d); {hint}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"FID statistics file {path} holds nan or inf; {hint}")
     return mu, sigma
+
+
+def check_scoring(fid_stats_path, device, inception_weights=None):
+    """Everything scoring needs, checked before the images are made: 2048-d finite statistics, and the
+    Inception weights (a local file that loads, or the download that fetches them)."""
+    mu, _ = load_fid_stats(fid_stats_path)
+    if mu.shape[0] != FEATURE_DIM:
+        raise ValueError(f"{fid_stats_path} holds {mu.shape[0]}-d statistics; Inception FID needs "
+                         f"{FEATURE_DIM}-d ones (make them with `python -m util.fid stats`)")
+    build_inception(device, inception_weights)
 
 
 def atomic_write(path, write, suffix):
@@ -177,8 +189,12 @@ def list_images(image_dir):
 
 def read_image(path):
     """A uint8 RGB tensor (3, H, W): the input torch-fidelity's Inception expects (it resizes itself)."""
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path} does not decode as an image ({type(e).__name__}: {e}); remove it from the "
+                         "folder or replace it") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
@@ -195,7 +211,13 @@ def build_inception(device, inception_weights=None, features=("2048", "logits_un
     try:
         model = FeatureExtractorInceptionV3("inception-v3-compat", list(features),
                                             feature_extractor_weights_path=inception_weights, verbose=False)
-    except OSError as e:  # urllib's URLError on a machine without internet
+    except Exception as e:  # noqa: BLE001 - what fails to load as these weights is not them
+        if inception_weights is not None:
+            raise ValueError(f"Inception weights file {inception_weights} does not load as torch-fidelity's "
+                             f"InceptionV3 ({type(e).__name__}: {str(e).splitlines()[0][:150]}); pass "
+                             "weights-inception-2015-12-05-6726825d.pth") from None
+        if not isinstance(e, OSError):  # urllib's URLError (an OSError) on a machine without internet
+            raise
         raise ValueError(f"cannot download torch-fidelity's InceptionV3 weights ({getattr(e, 'reason', e)}): pass "
                          "--inception_weights PATH (--fid_inception_weights in main_fractalgen.py), a local copy "
                          "of weights-inception-2015-12-05-6726825d.pth") from None
@@ -214,20 +236,19 @@ def inception_features(image_dir, device, inception_weights=None, batch_size=64)
     model = build_inception(device, inception_weights)
     feats = np.empty((len(paths), FEATURE_DIM), dtype=np.float64)
     logits = np.empty((len(paths), NUM_LOGITS), dtype=np.float32)
-    bar = tqdm(total=len(paths), desc=f"inception {image_dir}", unit="img", leave=False)
-    for start in range(0, len(paths), batch_size):
-        images = [read_image(p) for p in paths[start:start + batch_size]]
-        # one forward per distinct size; a folder of samples is a single batch per step
-        groups = {}
-        for i, img in enumerate(images):
-            groups.setdefault(tuple(img.shape), []).append(i)
-        for idx in groups.values():
-            f, l = model(torch.stack([images[i] for i in idx]).to(device))
-            rows = [start + i for i in idx]
-            feats[rows] = f.double().cpu().numpy()
-            logits[rows] = l.cpu().numpy()
-        bar.update(len(images))
-    bar.close()
+    with tqdm(total=len(paths), desc=f"inception {image_dir}", unit="img", leave=False) as bar:
+        for start in range(0, len(paths), batch_size):
+            images = [read_image(p) for p in paths[start:start + batch_size]]
+            # one forward per distinct size; a folder of samples is a single batch per step
+            groups = {}
+            for i, img in enumerate(images):
+                groups.setdefault(tuple(img.shape), []).append(i)
+            for idx in groups.values():
+                f, l = model(torch.stack([images[i] for i in idx]).to(device))
+                rows = [start + i for i in idx]
+                feats[rows] = f.double().cpu().numpy()
+                logits[rows] = l.cpu().numpy()
+            bar.update(len(images))
     return feats, logits
 
 
@@ -244,10 +265,8 @@ def compute_fid_stats(image_dir, out_path, device, inception_weights=None, batch
 
 def compute_fid_is(image_dir, fid_stats_path, device, inception_weights=None, batch_size=64):
     """FID against saved statistics and Inception Score of a folder of images."""
-    ref_mu, ref_sigma = load_fid_stats(fid_stats_path)  # fail before the slow part
-    if ref_mu.shape[0] != FEATURE_DIM:
-        raise ValueError(f"{fid_stats_path} holds {ref_mu.shape[0]}-d statistics; Inception FID needs "
-                         f"{FEATURE_DIM}-d ones (make them with `python -m util.fid stats`)")
+    check_scoring(fid_stats_path, device, inception_weights)  # fail before the slow part
+    ref_mu, ref_sigma = load_fid_stats(fid_stats_path)
     feats, logits = inception_features(image_dir, device, inception_weights, batch_size)
     mu, sigma = features_to_stats(feats)
     is_mean, is_std = inception_score(logits)
@@ -290,7 +309,12 @@ def make_random_inception_weights(path, seed=0):
 # command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m util.fid", description=__doc__.split("\n")[0])
+    """The command; returns its exit code (2 after a bad input, printed as one line)."""
+    return run_command(lambda: run(argv))
+
+
+def run(argv):
+    parser = Parser(prog="python -m util.fid", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text, second in (("stats", "save FID statistics of a folder", "out_path"),
                                     ("score", "FID and IS of a folder against saved statistics", "fid_stats")):
@@ -299,20 +323,18 @@ def main(argv=None):
         p.add_argument(second)
         p.add_argument("--inception_weights", default=None, help="local torch-fidelity InceptionV3 weights")
         add_device_flags(p, precision=False)
-        p.add_argument("--batch_size", type=int, default=64)
+        p.add_argument("--batch_size", type=count(1), default=64)
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
     try:
-        device = torch.device(args.device)
         if args.command == "stats":
             compute_fid_stats(args.image_dir, args.out_path, device, args.inception_weights, args.batch_size)
             print(f"saved FID statistics of {args.image_dir} to {args.out_path}")
         else:
             r = compute_fid_is(args.image_dir, args.fid_stats, device, args.inception_weights, args.batch_size)
             print(f"FID: {r['fid']:.4f}, Inception Score: {r['inception_score']:.4f}")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    except ValueError as e:  # the checks of this module say what to do
+        raise UserError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -186,3 +186,12 @@ def check_writable_folder(flag, folder):
                         f"--{flag}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"--{flag} {folder}: no permission to write in {existing}; choose another --{flag}")
+
+
+def check_output_png(flag, path):
+    """A .png file that can be written: checked before the work that makes it."""
+    if not path.lower().endswith(".png"):
+        raise UserError(f"--{flag} must name a .png file, got {path}")
+    if os.path.isdir(path):
+        raise UserError(f"--{flag} {path} is a folder; name a .png file in it")
+    check_writable_folder(flag, os.path.dirname(os.path.abspath(path)))

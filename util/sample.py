@@ -15,7 +15,7 @@ import torch
 import util.misc as misc
 from models.fractalgen import RELEASED
 from util.download import download_pretrained
-from util.flags import Parser, add_device_flags, add_sampling_flags, count, int_list
+from util.flags import Parser, add_device_flags, add_sampling_flags, check_output_png, count, int_list
 from util.sampling import grid_upscale, load_model, precision_for, sampling_for, save_sample_grid
 
 
@@ -43,6 +43,7 @@ def get_args_parser():
 def sample(args):
     """Write the grid; returns (path, the settings used)."""
     precision = precision_for(args)
+    check_output_png("output", args.output)
     path = args.checkpoint or download_pretrained(args.model, args.download_dir)
     model, settings = load_model(path, torch.device(args.device), model_name=args.model or args.model_name)
     if args.classes is not None:

@@ -30,9 +30,9 @@ def load_model(checkpoint_path, device="cpu", model_name=None):
     """
     ckpt = checkpoint.load(checkpoint_path)
     args = ckpt.get("args")
-    if args is not None:
-        settings = {k: getattr(args, k, SAMPLING_DEFAULTS.get(k)) for k in (
-            "model", "class_num", "num_conds", "guiding_pixel", *SAMPLING_DEFAULTS)}
+    if args is not None and getattr(args, "model", None) is not None:
+        built = {k: getattr(args, k) for k in ("class_num", "num_conds", "guiding_pixel") if hasattr(args, k)}
+        settings = {"model": args.model, **built, **{k: getattr(args, k, v) for k, v in SAMPLING_DEFAULTS.items()}}
     elif model_name in RELEASED:
         released = RELEASED[model_name]
         settings = dict(SAMPLING_DEFAULTS, model=model_name, class_num=1000, **{k: released[k] for k in (
@@ -40,10 +40,10 @@ def load_model(checkpoint_path, device="cpu", model_name=None):
     else:
         raise misc.UserError(f"{checkpoint_path} does not say which model it holds (no 'args'); pass model_name, "
                              f"one of {', '.join(RELEASED)}")
-    model = build_model(settings["model"], class_num=settings["class_num"], num_conds=settings["num_conds"],
-                        guiding_pixel=settings["guiding_pixel"])
+    model = build_model(settings["model"], **{k: settings[k] for k in ("class_num", "num_conds", "guiding_pixel")
+                                              if k in settings})
     checkpoint.load_model_state(model, ckpt["model"], checkpoint_path)
-    settings["img_size"] = model.img_size
+    settings.update(img_size=model.img_size, class_num=model.num_classes)
     return model.to(device).eval(), settings
 
 
@@ -146,9 +146,15 @@ def save_sample_grid(model, path, num_iter_list, classes=None, per_class=8, seed
         images = torch.cat([sample_classes(model, batch, num_iter_list, **sampling)
                             for batch in labels.split(batch_size or len(labels))])
     grid = class_grid(images, per_class, upscale)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    vutils.save_image(grid, path)
+    save_png(grid, path)
     return grid
+
+
+def save_png(image, path):
+    """A (3, H, W) tensor in [0, 1] as an 8-bit PNG, written atomically (a full disk leaves no empty file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with misc.write_atomically(path) as f:
+        vutils.save_image(image, f, format="PNG")
 
 
 # ----------------------------------------------------------------------------- compiled sampling
