@@ -132,8 +132,8 @@ def malformed(ckpt):
             return f"'args' is a {type(args).__name__}, not the argparse.Namespace main_fractalgen.py saves"
         if getattr(args, "model", None) is not None and args.model not in MODELS:
             return f"'args' names an unknown model {args.model!r}"
-    if "epoch" in ckpt and not is_count(ckpt["epoch"]):
-        return f"'epoch' is {ckpt['epoch']!r}, not a count"
+    if "epoch" in ckpt and not (is_count(ckpt["epoch"]) or ckpt["epoch"] == -1):  # -1: a step inside epoch 0
+        return f"'epoch' is {ckpt['epoch']!r}, not an epoch"
     optimizer = ckpt.get("optimizer")
     if optimizer is not None and not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
                                       and isinstance(optimizer.get("param_groups"), list)):
