@@ -170,8 +170,8 @@ def test_notebook_inside_a_checkout_changes_nothing(tmp_path):
     saved = tmp_path / "grid.png"
     # then the model cell again without a checkpoint: a local path that does not exist, and a released model
     # that cannot be downloaded (a URL where nothing listens stands in for the release's: tests stay offline)
-    nb = with_fields(repository="https://example.invalid/unused.git", checkpoint_path=tiny_checkpoint(tmp_path / "c.pth"),
-                     save_to=str(saved), **DRAW)
+    nb = with_fields(repository="https://example.invalid/unused.git", save_to=str(saved), **DRAW,
+                     checkpoint_path=tiny_checkpoint(tmp_path / "c.pth"))
     nb, (missing, offline) = run(
         nb, os.path.join(ROOT, "demo"),
         reruns=[dict(checkpoint_path=str(tmp_path / "nowhere.pth")),
