@@ -26,9 +26,10 @@ nbclient = pytest.importorskip("nbclient", reason="pip install -r requirements-t
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "demo", "run_fractalgen.ipynb")
-# the sampling and editing settings of the runs that draw pictures: 3 classes x 2 samples, 16x16 upscaled x2
-DRAW = dict(class_labels=[0, 2, 1], samples_per_class=2, num_iter_list="", cfg=2.0, temperature=1.0, seed=3,
-            upscale=2, edit_mask="right", edit_classes=[0, 2], edit_samples=4)
+# the sampling and editing settings of the runs that draw pictures: 3 classes, 16x16 upscaled x2; 2 edits of
+# the first sample under each of 2 classes
+DRAW = dict(class_labels=[0, 2, 1], samples_per_class=1, num_iter_list="", cfg=2.0, temperature=1.0, seed=3,
+            upscale=2, edit_mask="right", edit_classes=[0, 2], edit_samples=2)
 
 
 def tiny_checkpoint(path, with_args=True):
@@ -123,14 +124,14 @@ def pictures(nb):
 def check_samples_and_edits(nb, saved):
     """DRAW's samples (one row per class) and edits (the first sample's right half regenerated)."""
     shown, edited = pictures(nb)  # one picture of samples, one of edits
-    assert shown.shape == (2 + 3 * 34, 2 + 2 * 34, 3)  # 3 classes x 2 samples, 16x16 upscaled x2, padded
+    assert shown.shape == (2 + 3 * 34, 2 + 34, 3)  # a row per class, 16x16 upscaled x2, padded
     assert np.array_equal(shown, np.asarray(Image.open(saved)))
     assert shown[2:34, 2:34].std() > 10  # samples, not a blank
-    assert edited.shape == (2 + 2 * 34, 2 + 6 * 34, 3)  # per class 0 and 2: input, mask, 4 edits
+    assert edited.shape == (2 + 2 * 34, 2 + 4 * 34, 3)  # per class 0 and 2: input, mask, 2 edits
     tile = lambda row, col: edited[2 + 34 * row:34 * (row + 1), 2 + 34 * col:34 * (col + 1)]  # noqa: E731
     assert np.array_equal(tile(0, 0), shown[2:34, 2:34])  # the input is the first sample
     for row in range(2):
-        for col in range(2, 6):
+        for col in range(2, 4):
             assert np.array_equal(tile(row, col)[:, :16], tile(0, 0)[:, :16])  # the known left half, as given
         assert not np.array_equal(tile(row, 2)[:, 16:], tile(0, 0)[:, 16:])  # the right half, made anew
     text = texts(nb)
