@@ -331,7 +331,7 @@ def main(args):
 
     gen_bsz = args.gen_bsz  # "auto" becomes the batch size it chose, kept for later evaluations
     if args.evaluate_nll:
-        for weights, evaluated_model in evaluated:
+        for weights, evaluated_model in from_one_random_state(evaluated, device):
             report_nll(evaluated_model, dataset_val, args, device, world, rank, log_writer, ckpt_epoch, weights)
     if args.evaluate_gen:
         with stop.deferred():
@@ -382,6 +382,18 @@ def evaluated_models(args, model, model_ema):
     return pairs
 
 
+def from_one_random_state(evaluated, device):
+    """The (weights, model) pairs of `evaluated`, each to be evaluated from the random state the first
+    starts from (MAR's NLL masks: the same for the EMA and the raw weights); the last leaves it where
+    one evaluation alone would."""
+    for i, pair in enumerate(evaluated):
+        if i + 1 < len(evaluated):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                yield pair
+        else:
+            yield pair
+
+
 def hms(seconds):
     return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
@@ -408,7 +420,7 @@ def report_nll(model, dataset_val, args, device, world, rank, log_writer=None, e
 def report_after_training(evaluated, dataset_val, args, device, world, rank, log_writer, sampling, gen_bsz):
     """--final_nll and --final_samples, for each of the `evaluated` (weights, model): the trained model's
     NLL (all processes) and a grid of its samples (rank 0; the others are done and do not wait for it)."""
-    for weights, model in evaluated:
+    for weights, model in from_one_random_state(evaluated, device):
         if args.final_nll:
             report_nll(model, dataset_val, args, device, world, rank, log_writer, args.epochs, weights)
         if args.final_samples and misc.is_main_process():
