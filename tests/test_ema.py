@@ -185,6 +185,26 @@ def test_save_refuses_non_finite_ema_weights(tmp_path):
     assert "\n" not in str(e.value) and os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("mode", [["--evaluate_nll"], ["--epochs", "2", "--ema_rate", "0.9"]], ids=["evaluate", "resume"])
+def test_evaluation_resume_and_load_model_refuse_non_finite_ema_weights(data, tmp_path, mode):
+    folder = str(tmp_path / "diverged")
+    os.makedirs(folder)
+    model = build_model("fractalmar_tiny_in16", class_num=3, num_conds=5, guiding_pixel=True)
+    ema = {k: v.clone() for k, v in model.state_dict().items()}
+    ema["generator.norm.weight"][0] = float("nan")
+    args = main_fractalgen.parse_args(MODEL_ARGS + ["--num_iter_list", "2,2"])
+    checkpoint.atomic_save({"model": model.state_dict(), "model_ema": ema, "epoch": 0, "args": args},
+                           checkpoint.path_in(folder))
+    out = str(tmp_path / "out")
+    with pytest.raises(misc.UserError, match="holds weights that are not finite .generator.norm.weight") as e:
+        train(MODEL_ARGS + ["--data_path", data, "--resume", folder, "--output_dir", out, "--batch_size", "8", *mode])
+    assert "\n" not in str(e.value) and not os.path.exists(out)
+    from util.sampling import load_model
+    with pytest.raises(misc.UserError, match="not finite"):
+        load_model(checkpoint.path_in(folder))
+    assert load_model(checkpoint.path_in(folder), weights="raw")[1]["weights"] == "raw"
+
+
 # ----------------------------------------------------------------------------- evaluation
 @pytest.fixture(scope="module")
 def with_ema(tmp_path_factory):
