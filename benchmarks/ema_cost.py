@@ -99,7 +99,8 @@ def main():
         case = measure(name, kwargs, batch_size, args.steps, args.ema_rate)
         results["cases"].append(case)
         print(f"{name} batch {batch_size}: step {case['step_s_median'] * 1e3:.1f} ms, with the EMA update "
-              f"{case['step_with_ema_s_median'] * 1e3:.1f} ms (paired ratio {case['with_over_without_paired_median']:.3f}); "
+              f"{case['step_with_ema_s_median'] * 1e3:.1f} ms (paired ratio "
+              f"{case['with_over_without_paired_median']:.3f}); "
               f"the update alone {case['ema_update_s_median'] * 1e3:.2f} ms = {case['update_over_step']:.2%} of a step",
               flush=True)
     results["load_average_after"] = os.getloadavg()

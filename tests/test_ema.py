@@ -155,13 +155,15 @@ def test_torchrun_keeps_the_same_ema_on_every_rank_and_evaluates_both(data, tmp_
     argv = train_argv(data, out, "--batch_size", "4", "--epochs", "1", "--save_every_steps", "1", "--ema_rate", "0.9",
                       "--eval_weights", "both", "--online_eval", "--num_images", "3", "--num_iter_list", "2,1",
                       "--fid_stats", "none", "--final_nll", "--nll_bsz", "3")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), ROOT] + argv
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           ROOT] + argv
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     # saved after steps 1 and 2 of 3, and at the end of the epoch
     assert result.stdout.count("EMA identical on every rank: True") == 3, result.stdout[-3000:]
     assert "False" not in result.stdout
-    assert re.search(r"BPD: \S+ \(EMA weights\)", result.stdout) and re.search(r"BPD: \S+ \(raw weights\)", result.stdout)
+    assert re.search(r"BPD: \S+ \(EMA weights\)", result.stdout)
+    assert re.search(r"BPD: \S+ \(raw weights\)", result.stdout)
     results = json.load(open(os.path.join(out, "results.json")))
     assert results["nll_ema"]["weights"] == "ema" and results["nll"]["weights"] == "raw"
     assert results["nll_ema"]["bpd"] != results["nll"]["bpd"]
@@ -185,7 +187,8 @@ def test_save_refuses_non_finite_ema_weights(tmp_path):
     assert "\n" not in str(e.value) and os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("mode", [["--evaluate_nll"], ["--epochs", "2", "--ema_rate", "0.9"]], ids=["evaluate", "resume"])
+@pytest.mark.parametrize("mode", [["--evaluate_nll"], ["--epochs", "2", "--ema_rate", "0.9"]],
+                         ids=["evaluate", "resume"])
 def test_evaluation_resume_and_load_model_refuse_non_finite_ema_weights(data, tmp_path, mode):
     folder = str(tmp_path / "diverged")
     os.makedirs(folder)
@@ -226,8 +229,8 @@ def with_ema(tmp_path_factory):
 
 def nll(data, folder, out, capsys, *extra):
     capsys.readouterr()
-    train(MODEL_ARGS + ["--data_path", data, "--resume", folder, "--output_dir", out, "--evaluate_nll", "--nll_bsz", "6",
-                        *extra])
+    train(MODEL_ARGS + ["--data_path", data, "--resume", folder, "--output_dir", out, "--evaluate_nll",
+                        "--nll_bsz", "6", *extra])
     return [(float(line.split()[1]), line.split("(")[1].rstrip(")")) for line in capsys.readouterr().out.splitlines()
             if line.startswith("BPD: ")]
 

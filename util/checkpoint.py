@@ -3,10 +3,11 @@
 A run keeps one file, <output_dir>/checkpoint-last.pth, holding the release's keys {model, optimizer,
 epoch, scaler, args}, plus `rng` (every rank's random state) and, for a checkpoint taken inside an
 epoch, `resume_at` = {epoch, step, consumed}: the epoch under way, the step to run next and how many of
-that epoch's images all ranks have trained on; and, when training keeps one (--ema_rate), `model_ema`: the
-moving average of the weights, a state dict with the model's keys (MAR's name). The saved `epoch` is always the last *finished* epoch,
-because the release resumes at `epoch + 1`: its code then continues our checkpoints at the next whole
-epoch, and ours continues the release's. Weights or optimizer state that are not finite are never saved.
+that epoch's images all ranks have trained on; and, when training keeps one (--ema_rate), `model_ema`:
+the moving average of the weights, a state dict with the model's keys (MAR's name). The saved `epoch`
+is always the last *finished* epoch, because the release resumes at `epoch + 1`: its code then continues
+our checkpoints at the next whole epoch, and ours continues the release's. Weights, EMA weights or
+optimizer state that are not finite are never saved.
 """
 import argparse
 import os
