@@ -240,5 +240,5 @@ def test_load_model_needs_a_name_without_args(tmp_path):
     model, settings = load_model(tiny_checkpoint(tmp_path / "full.pth"))
     assert settings == dict(model="fractalmar_tiny_in16", class_num=3, num_conds=5, guiding_pixel=True,
                             num_iter_list="2,2", cfg=1.0, cfg_schedule="linear", temperature=1.0, filter_threshold=1e-4,
-                            seed=0, img_size=16)
+                            seed=0, img_size=16, weights="raw")
     assert not model.training
