@@ -8,14 +8,16 @@ import util.lr_sched as lr_sched
 import util.misc as misc
 import util.png_folder as png_folder
 import util.stop as stop
+from util.flags import WEIGHT_NAMES
 from util.misc import autocast
 
 
 def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, device, epoch, log_writer, args,
-                    steps_per_epoch, consumed=0):
+                    steps_per_epoch, consumed=0, ema=None):
     """One epoch, or its rest when resumed mid-epoch after `consumed` images (over all ranks). With --save_every_steps N,
     the checkpoint is refreshed every N steps with what is needed to continue from the next step; after a
-    stop signal, at the next step boundary, and then `stop.Stopped` is raised."""
+    stop signal, at the next step boundary, and then `stop.Stopped` is raised. `ema` (timm's ModelEmaV3, or
+    None) averages the weights after each update that passed the finite-weights check."""
     model.train()
     world = misc.get_world_size()
     first_step = consumed // (args.batch_size * world)
@@ -44,12 +46,15 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, de
                                  f"loss was {loss_value:.4g}); training stopped without saving them "
                                  f"({checkpoint.previous(args.output_dir)}). Lower --blr (or --lr), raise "
                                  "--warmup_epochs, or use --precision bf16/fp32")
+        if ema is not None:
+            ema.update(model_without_ddp)
+        model_ema = ema.module if ema is not None else None
         periodic = args.save_every_steps and done % args.save_every_steps == 0
         if done < steps_per_epoch and (periodic or signum):
             checkpoint.save(args, model_without_ddp, optimizer, scaler, epoch, device, step=done,
-                            consumed=consumed + (i + 1) * args.batch_size * world)
+                            consumed=consumed + (i + 1) * args.batch_size * world, model_ema=model_ema)
         elif signum:  # the epoch's last step
-            checkpoint.save(args, model_without_ddp, optimizer, scaler, epoch, device)
+            checkpoint.save(args, model_without_ddp, optimizer, scaler, epoch, device, model_ema=model_ema)
         if signum:
             raise stop.Stopped(signum, f"stopped by {stop.name(signum)} in epoch {epoch} after {done} of "
                                        f"{steps_per_epoch} steps: saved {checkpoint.path_in(args.output_dir)}; "
@@ -98,24 +103,32 @@ def evaluate_nll(model, data_loader, device, args):
     return (totals[0] / totals[1]).item()
 
 
-def evaluate_gen(model_without_ddp, args, device, epoch, log_writer, sampling, gen_bsz):
+def evaluate_gen(model_without_ddp, args, device, epoch, log_writer, sampling, gen_bsz, weights="raw"):
     """Generate args.num_images into their PNG folder (util.png_folder), then (rank 0) FID and Inception
-    Score against --fid_stats; returns the results, with the batch size used ("auto" resolved)."""
-    folder, gen_bsz, seconds_per_image = png_folder.generate(model_without_ddp, args, device, sampling, gen_bsz)
+    Score against --fid_stats, and with --save_npz the images as one .npz; returns the results, with the
+    batch size used ("auto" resolved). `weights`: "raw", or "ema" for EMA weights (their folder, results
+    and TensorBoard tags end in -ema / _ema)."""
+    folder, gen_bsz, seconds_per_image = png_folder.generate(model_without_ddp, args, device, sampling, gen_bsz,
+                                                             weights)
     results = {"images": folder, "num_images": args.num_images, "seconds_per_image": seconds_per_image,
-               "epoch": epoch}
+               "epoch": epoch, "weights": weights}
+    said, tag = WEIGHT_NAMES[weights], "_ema" if weights == "ema" else ""
     if misc.is_main_process():
-        print(f"{args.num_images} images in {folder} ({seconds_per_image:.3f} s per generated image and rank)")
+        print(f"{args.num_images} images of the {said} in {folder} ({seconds_per_image:.3f} s per generated image "
+              "and rank)")
+        if args.save_npz:
+            results["npz"] = png_folder.save_npz(folder, args.num_images, args.img_size)
+            print(f"ADM evaluator samples: {results['npz']}")
         if args.fid_stats != "none":
             from util.fid import compute_fid_is
             scores = compute_fid_is(folder, args.fid_stats, device, inception_weights=args.fid_inception_weights)
             results.update(fid=scores["fid"], inception_score=scores["inception_score"])
-            print(f"FID: {scores['fid']:.4f}, Inception Score: {scores['inception_score']:.4f}")
+            print(f"FID: {scores['fid']:.4f}, Inception Score: {scores['inception_score']:.4f} ({said})")
             if log_writer is not None:
-                log_writer.add_scalar("fid", scores["fid"], epoch)
-                log_writer.add_scalar("is", scores["inception_score"], epoch)
+                log_writer.add_scalar("fid" + tag, scores["fid"], epoch)
+                log_writer.add_scalar("is" + tag, scores["inception_score"], epoch)
         if log_writer is not None:
-            log_writer.add_image("samples", png_folder.grid_of(folder, args.num_images), epoch)
-        misc.update_results(args.output_dir, generation=results)
+            log_writer.add_image("samples" + tag, png_folder.grid_of(folder, args.num_images), epoch)
+        misc.update_results(args.output_dir, **{"generation" + tag: results})
     misc.barrier()
     return dict(results, gen_bsz=gen_bsz)

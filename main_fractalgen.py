@@ -6,6 +6,7 @@ One process:   python main_fractalgen.py --model fractalmar_tiny_in16 --img_size
 Many:          torchrun --nproc_per_node=8 main_fractalgen.py ...   (also SLURM, or OpenMPI with --dist_on_itp)
 """
 import argparse
+import copy
 import math
 import os
 import sys
@@ -26,8 +27,8 @@ from engine_fractalgen import evaluate_gen, evaluate_nll, train_one_epoch  # noq
 from models.fractalgen import MODELS, RELEASED, build_model, compile_blocks  # noqa: E402
 from util import demo_data  # noqa: E402
 from util.data import eval_loader, image_folder, train_loader  # noqa: E402
-from util.flags import (Parser, add_device_flags, add_sampling_flags, check_precision, check_writable_folder,  # noqa: E402
-                        count, default_precision, number, parse_num_iter)
+from util.flags import (WEIGHT_NAMES, Parser, add_device_flags, add_sampling_flags, add_weights_flag,  # noqa: E402
+                        check_precision, check_writable_folder, count, default_precision, number, parse_num_iter)
 from util.sampling import COMPILE_SCOPES  # noqa: E402
 
 
@@ -73,6 +74,9 @@ def get_args_parser():
     p.add_argument("--compile_sampling", default="none", choices=COMPILE_SCOPES,
                    help="torch.compile the per-pixel heads' sampling (head) or the whole last generator level "
                         "(inner; longer to compile), as CUDA graphs on CUDA: the same draws, fewer kernel launches")
+    p.add_argument("--save_npz", action="store_true",
+                   help="with --evaluate_gen (or --online_eval): also write the images as one .npz beside their folder "
+                        "(arr_0, uint8, N×H×W×3, in image order), the samples file of the ADM evaluator")
     p.add_argument("--nll_bsz", type=count(1), default=128, help="images per NLL batch and process")
     p.add_argument("--nll_forward_number", type=count(1), default=1,
                    help="passes averaged per image for the NLL: MAR's random order makes one pass noisy; no "
@@ -80,6 +84,11 @@ def get_args_parser():
     # optimization
     p.add_argument("--weight_decay", type=number(0), default=0.05,
                    help="AdamW weight decay (not on norms and biases)")
+    p.add_argument("--ema_rate", type=number(0, 1), default=0.0,
+                   help="keep an exponential moving average of the weights, after every optimizer step ema = R·ema + "
+                        "(1−R)·weights (0 = off; MAR uses 0.9999); saved as model_ema, and what evaluations use "
+                        "(--eval_weights)")
+    add_weights_flag(p, both=True)
     p.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, more time")
     p.add_argument("--compile", action="store_true",
@@ -182,6 +191,11 @@ def check_args(args):
         raise misc.UserError(f"--start_epoch {args.start_epoch} is not below --epochs {args.epochs}: nothing to "
                              "train")
     check_precision(args.precision, args.device)
+    if training and args.eval_weights == "both" and not args.ema_rate:
+        raise misc.UserError("--eval_weights both evaluates the EMA weights next to the raw ones: pass --ema_rate "
+                             "too (e.g. 0.9999)")
+    if args.save_npz and not (args.evaluate_gen or args.online_eval):
+        raise misc.UserError("--save_npz writes the images of --evaluate_gen (or --online_eval): add one of them")
     for flag in ("output_dir", "log_dir"):
         check_writable_folder(flag, getattr(args, flag))
     if args.fid_inception_weights and not os.path.isfile(args.fid_inception_weights):
@@ -240,10 +254,34 @@ def main(args):
     needs_val = args.evaluate_nll or (training and args.final_nll)  # checked now, not after training
     dataset_val = image_folder(args.data_path, "val", args.img_size, args.class_num) if needs_val else None
     ckpt_path, ckpt = checkpoint.to_resume(args, training)
-    if ckpt is not None:
+    model_ema, ema_state = None, None  # the module holding the EMA weights; the checkpoint's EMA weights
+    if ckpt is not None and training:
         checkpoint.load_model_state(model, ckpt["model"], ckpt_path)
-        if training:
-            checkpoint.check_training_state(ckpt, param_groups(model, args.weight_decay), ckpt_path)
+        checkpoint.check_training_state(ckpt, param_groups(model, args.weight_decay), ckpt_path)
+        ema_state = ckpt.get("model_ema")
+    elif ckpt is not None:  # evaluation: the weights --eval_weights asks for, both in two models
+        if args.eval_weights == "both" and "model_ema" not in ckpt:
+            raise misc.UserError(f"--eval_weights both: {ckpt_path} holds no EMA weights (model_ema, from training "
+                                 "with --ema_rate); use --eval_weights raw")
+        chosen, state = checkpoint.weights_for(ckpt, "raw" if args.eval_weights == "raw" else "ema")
+        checkpoint.load_model_state(model, state, ckpt_path)
+        if chosen == "ema":
+            model_ema = model
+        if args.eval_weights == "both":
+            model_ema = copy.deepcopy(model)
+            checkpoint.load_model_state(model, ckpt["model"], ckpt_path)
+        if args.eval_weights != "raw" and chosen == "raw":
+            print_rank0(f"{ckpt_path} holds no EMA weights (model_ema): evaluating its raw weights")
+    ema = None
+    if training and args.ema_rate:  # copied before compiling: the EMA's evaluations run eagerly
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(model, decay=args.ema_rate)
+        model_ema = ema.module.requires_grad_(False)
+        if ema_state is not None:
+            checkpoint.load_model_state(model_ema, ema_state, ckpt_path)
+    elif ema_state is not None:
+        print_rank0(f"--ema_rate 0: the EMA weights of {ckpt_path} are not continued (the next checkpoint holds "
+                    "none)")
     world, rank = misc.get_world_size(), misc.get_rank()
     pin_memory = args.pin_mem and device.type == "cuda"
     if training:
@@ -260,6 +298,8 @@ def main(args):
     if misc.is_main_process():
         misc.remove_stale_temporaries(args.output_dir, [checkpoint.NAME, "results.json"])
     model.to(device)
+    if model_ema is not None:
+        model_ema.to(device)
     if args.compile and training:
         compile_blocks(model)
     model_without_ddp = model
@@ -280,6 +320,11 @@ def main(args):
     if misc.is_dist():
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if ema is not None and ema_state is None:  # after DDP has broadcast rank 0's weights: the same on every rank
+        model_ema.load_state_dict(model_without_ddp.state_dict())
+        if ckpt_path is not None:
+            print_rank0(f"{ckpt_path} holds no EMA weights (model_ema): the EMA starts from its weights")
+    evaluated = evaluated_models(args, model_without_ddp, model_ema)
     log_writer = None
     if misc.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
@@ -287,10 +332,13 @@ def main(args):
 
     gen_bsz = args.gen_bsz  # "auto" becomes the batch size it chose, kept for later evaluations
     if args.evaluate_nll:
-        report_nll(model, dataset_val, args, device, world, rank, log_writer, ckpt_epoch)
+        for weights, evaluated_model in from_one_random_state(evaluated, device):
+            report_nll(evaluated_model, dataset_val, args, device, world, rank, log_writer, ckpt_epoch, weights)
     if args.evaluate_gen:
         with stop.deferred():
-            evaluate_gen(model_without_ddp, args, device, ckpt_epoch, log_writer, sampling, gen_bsz)
+            for weights, evaluated_model in evaluated:
+                gen_bsz = evaluate_gen(evaluated_model, args, device, ckpt_epoch, log_writer, sampling, gen_bsz,
+                                       weights)["gen_bsz"]
     if not training:
         return
 
@@ -306,79 +354,106 @@ def main(args):
             epoch_consumed = consumed if epoch == start_epoch else 0
             loader.sampler.set_epoch(epoch, epoch_consumed)
             train_one_epoch(model, model_without_ddp, loader, optimizer, scaler, device, epoch, log_writer, args,
-                            steps_per_epoch, epoch_consumed)
+                            steps_per_epoch, epoch_consumed, ema)
             evaluate = args.online_eval and (epoch % args.eval_freq == 0 or epoch + 1 == args.epochs)
             # saved before an evaluation too, which a stop signal may end
             if epoch % args.save_last_freq == 0 or epoch + 1 == args.epochs or args.save_every_steps or evaluate:
-                path = checkpoint.save(args, model_without_ddp, optimizer, scaler, epoch, device)
+                path = checkpoint.save(args, model_without_ddp, optimizer, scaler, epoch, device, model_ema=model_ema)
                 print_rank0(f"Saved {path} (epoch {epoch})")
-            if evaluate:
-                gen_bsz = evaluate_gen(model_without_ddp, args, device, epoch, log_writer, sampling, gen_bsz)["gen_bsz"]
+            for weights, evaluated_model in evaluated if evaluate else []:
+                gen_bsz = evaluate_gen(evaluated_model, args, device, epoch, log_writer, sampling, gen_bsz,
+                                       weights)["gen_bsz"]
             if log_writer is not None:
                 log_writer.flush()
             done, left = epoch + 1 - start_epoch, args.epochs - epoch - 1
             so_far = time.time() - start
             print_rank0(f"Epoch {epoch} done; {hms(so_far)} so far, ETA of the run {hms(so_far / done * left)}")
     print_rank0(f"Training time {hms(time.time() - start)}")
-    report_after_training(model, model_without_ddp, dataset_val, args, device, world, rank, log_writer, sampling,
-                          gen_bsz)
+    report_after_training(evaluated, dataset_val, args, device, world, rank, log_writer, sampling, gen_bsz)
+
+
+def evaluated_models(args, model, model_ema):
+    """(weights, model) for each evaluation: ("ema", model_ema) where there are EMA weights and
+    --eval_weights is ema or both; ("raw", model) where it is raw or both, or where there are none."""
+    pairs = []
+    if model_ema is not None and args.eval_weights in ("ema", "both"):
+        pairs.append(("ema", model_ema))
+    if model_ema is None or args.eval_weights in ("raw", "both"):
+        pairs.append(("raw", model))
+    return pairs
+
+
+def from_one_random_state(evaluated, device):
+    """The (weights, model) pairs of `evaluated`, each to be evaluated from the random state the first
+    starts from (MAR's NLL masks: the same for the EMA and the raw weights); the last leaves it where
+    one evaluation alone would."""
+    for i, pair in enumerate(evaluated):
+        if i + 1 < len(evaluated):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                yield pair
+        else:
+            yield pair
 
 
 def hms(seconds):
     return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
-def report_nll(model, dataset_val, args, device, world, rank, log_writer=None, epoch=None):
-    """The NLL in bits/dim over `dataset_val`: printed and recorded in output_dir/results.json."""
+def report_nll(model, dataset_val, args, device, world, rank, log_writer=None, epoch=None, weights="raw"):
+    """The NLL in bits/dim over `dataset_val`: printed and recorded in output_dir/results.json (and
+    TensorBoard), under names ending in _ema for the EMA weights (`weights` "ema")."""
     pin_memory = args.pin_mem and device.type == "cuda"
     bpd = evaluate_nll(model, eval_loader(dataset_val, args.nll_bsz, args.num_workers, pin_memory, world, rank),
                        device, args)
     if not math.isfinite(bpd):  # never report a number that means nothing
         raise misc.UserError(f"the NLL came out {bpd} with --precision {args.precision}; try --precision fp32, or "
                              "check the checkpoint")
-    print_rank0(f"BPD: {bpd:.5f}")
+    print_rank0(f"BPD: {bpd:.5f} ({WEIGHT_NAMES[weights]})")
+    tag = "_ema" if weights == "ema" else ""
     if log_writer is not None:
-        log_writer.add_scalar("val_bpd", bpd, epoch or 0)
+        log_writer.add_scalar("val_bpd" + tag, bpd, epoch or 0)
         log_writer.flush()
-    misc.update_results(args.output_dir, nll={"bpd": bpd, "images": len(dataset_val),
-                                              "forward_number": args.nll_forward_number})
+    misc.update_results(args.output_dir, **{"nll" + tag: {"bpd": bpd, "images": len(dataset_val), "weights": weights,
+                                                          "forward_number": args.nll_forward_number}})
 
 
 # ----------------------------------------------------------------------------- after training
-def report_after_training(model, model_without_ddp, dataset_val, args, device, world, rank, log_writer, sampling,
-                          gen_bsz):
-    """--final_nll and --final_samples: the trained model's NLL (all processes) and a grid of its
-    samples (rank 0; the others are done and do not wait for it)."""
-    if args.final_nll:
-        report_nll(model, dataset_val, args, device, world, rank, log_writer, args.epochs)
-    if args.final_samples and misc.is_main_process():
-        report_samples(model_without_ddp, args, log_writer, sampling, None if gen_bsz == "auto" else gen_bsz)
+def report_after_training(evaluated, dataset_val, args, device, world, rank, log_writer, sampling, gen_bsz):
+    """--final_nll and --final_samples, for each of the `evaluated` (weights, model): the trained model's
+    NLL (all processes) and a grid of its samples (rank 0; the others are done and do not wait for it)."""
+    for weights, model in from_one_random_state(evaluated, device):
+        if args.final_nll:
+            report_nll(model, dataset_val, args, device, world, rank, log_writer, args.epochs, weights)
+        if args.final_samples and misc.is_main_process():
+            report_samples(model, args, log_writer, sampling, None if gen_bsz == "auto" else gen_bsz, weights)
 
 
-def report_samples(model, args, log_writer, sampling, batch_size):
-    """output_dir/samples.png, one row per class, seeded by --seed; a model of the bundled digits also
-    gets the digit check (PNG's bits/dim on the held-out digits, and the share of samples recognised)."""
+def report_samples(model, args, log_writer, sampling, batch_size, weights="raw"):
+    """output_dir/samples.png (samples_ema.png for the EMA weights), one row per class, seeded by --seed; a
+    model of the bundled digits also gets the digit check (PNG's bits/dim on the held-out digits, and the
+    share of samples recognised)."""
     from util.digit_check import judge_grid
     from util.sampling import grid_upscale, save_sample_grid
-    path, per_class = os.path.join(args.output_dir, "samples.png"), args.final_samples
+    tag, said = "_ema" if weights == "ema" else "", WEIGHT_NAMES[weights]
+    path, per_class = os.path.join(args.output_dir, f"samples{tag}.png"), args.final_samples
     upscale = grid_upscale(args.img_size)
     grid = save_sample_grid(model, path, classes=range(min(args.class_num, 10)), per_class=per_class, seed=args.seed,
                             upscale=upscale, batch_size=batch_size, **sampling)
     saved = checkpoint.path_in(args.output_dir)
-    print(f"Samples: {path}  (one row per class" + (f"; checkpoint: {saved})" if os.path.exists(saved) else ")"))
-    results = {"samples": path}
+    print(f"Samples: {path}  (one row per class, {said}" + (f"; checkpoint: {saved})" if os.path.exists(saved) else ")"))
+    results = {"samples": path, "weights": weights}
     tree = demo_data.tree_settings(args.data_path)
     if tree is not None and tree["img_size"] == args.img_size:
         results.update(judge_grid(path, tree, per_class, upscale))
         print(f"PNG: {results['png_bpd']:.3f} bits/dim on the same {results['held_out_digits']} digits (lossless "
               "compression, files as saved)")
-        print(f"Recognised as their digit: {results['recognised_share']:.0%} of the samples (the same classifier on "
-              f"real held-out digits: {results['real_digits_accuracy']:.0%})")
-    misc.update_results(args.output_dir, final_samples=results)
+        print(f"Recognised as their digit: {results['recognised_share']:.0%} of the samples of the {said} (the same "
+              f"classifier on real held-out digits: {results['real_digits_accuracy']:.0%})")
+    misc.update_results(args.output_dir, **{"final_samples" + tag: results})
     if log_writer is not None:
-        log_writer.add_image("samples", grid, args.epochs)
+        log_writer.add_image("samples" + tag, grid, args.epochs)
         if "recognised_share" in results:
-            log_writer.add_scalar("recognised_share", results["recognised_share"], args.epochs)
+            log_writer.add_scalar("recognised_share" + tag, results["recognised_share"], args.epochs)
         log_writer.flush()
 
 

@@ -3,9 +3,11 @@
 A run keeps one file, <output_dir>/checkpoint-last.pth, holding the release's keys {model, optimizer,
 epoch, scaler, args}, plus `rng` (every rank's random state) and, for a checkpoint taken inside an
 epoch, `resume_at` = {epoch, step, consumed}: the epoch under way, the step to run next and how many of
-that epoch's images all ranks have trained on. The saved `epoch` is always the last *finished* epoch,
-because the release resumes at `epoch + 1`: its code then continues our checkpoints at the next whole
-epoch, and ours continues the release's. Weights or optimizer state that are not finite are never saved.
+that epoch's images all ranks have trained on; and, when training keeps one (--ema_rate), `model_ema`:
+the moving average of the weights, a state dict with the model's keys (MAR's name). The saved `epoch`
+is always the last *finished* epoch, because the release resumes at `epoch + 1`: its code then continues
+our checkpoints at the next whole epoch, and ours continues the release's. Weights, EMA weights or
+optimizer state that are not finite are never saved.
 """
 import argparse
 import os
@@ -43,12 +45,15 @@ def first_non_finite(model, optimizer=None):
     return None
 
 
-def save(args, model_without_ddp, optimizer, scaler, epoch, device, step=None, consumed=0):
+def save(args, model_without_ddp, optimizer, scaler, epoch, device, step=None, consumed=0, model_ema=None):
     """Write output_dir/checkpoint-last.pth after `epoch` finished, or, with `step`, inside `epoch` after
-    `step` steps and `consumed` images (over all ranks). Every rank must call it; rank 0 writes.
-    Non-finite weights or optimizer state stop training instead (all ranks together), and the previous
-    checkpoint stays in place. Returns the checkpoint's path."""
+    `step` steps and `consumed` images (over all ranks); `model_ema`: the module holding the EMA weights,
+    if any. Every rank must call it; rank 0 writes. Non-finite weights, EMA weights or optimizer state
+    stop training instead (all ranks together), and the previous checkpoint stays in place. Returns the
+    checkpoint's path."""
     bad = first_non_finite(model_without_ddp, optimizer)
+    if bad is None and model_ema is not None and first_non_finite(model_ema) is not None:
+        bad = f"the EMA weights, {first_non_finite(model_ema)}"
     if not misc.all_ranks_ok(bad is None, device):
         where = f"epoch {epoch}" + (f", step {step}" if step is not None else " (its end)")
         raise UserError(f"nan or inf at {where} (in {bad or 'the model on another rank'}); training stopped "
@@ -59,6 +64,8 @@ def save(args, model_without_ddp, optimizer, scaler, epoch, device, step=None, c
         ckpt = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                 "epoch": epoch if step is None else epoch - 1, "scaler": scaler.state_dict(), "args": args,
                 "rng": rng}
+        if model_ema is not None:
+            ckpt["model_ema"] = model_ema.state_dict()
         if step is not None:
             ckpt["resume_at"] = {"epoch": epoch, "step": step, "consumed": consumed}
         try:
@@ -124,8 +131,9 @@ def malformed(ckpt):
     def is_count(x):
         return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
-    if state_dict_problem(ckpt["model"]):
-        return f"'model' is {state_dict_problem(ckpt['model'])}"
+    for key in ("model", "model_ema"):
+        if key in ckpt and state_dict_problem(ckpt[key]):
+            return f"'{key}' is {state_dict_problem(ckpt[key])}"
     args = ckpt.get("args")
     if args is not None:
         if not isinstance(args, argparse.Namespace):
@@ -252,6 +260,15 @@ def restore_rng_states(states, device):
 
 def describe(ckpt):
     """Where a resumed run continues, for the log."""
+    ema = ", with EMA weights" if "model_ema" in ckpt else ""
     if "resume_at" in ckpt:
-        return f"inside epoch {ckpt['resume_at']['epoch']}, at step {ckpt['resume_at']['step']}"
-    return f"after epoch {ckpt.get('epoch', 'n/a')}"
+        return f"inside epoch {ckpt['resume_at']['epoch']}, at step {ckpt['resume_at']['step']}{ema}"
+    return f"after epoch {ckpt.get('epoch', 'n/a')}{ema}"
+
+
+def weights_for(ckpt, choice):
+    """('ema' or 'raw', state dict) for --eval_weights `choice` ('ema' or 'raw'): the EMA weights when
+    asked for and the checkpoint has them, else the raw ones."""
+    if choice == "ema" and "model_ema" in ckpt:
+        return "ema", ckpt["model_ema"]
+    return "raw", ckpt["model"]

@@ -25,7 +25,8 @@ from PIL import Image
 import util.misc as misc
 from models.fractalgen import RELEASED
 from util.crop import center_crop_arr
-from util.flags import Parser, add_device_flags, add_sampling_flags, check_output_png, count, int_list
+from util.flags import (WEIGHT_NAMES, Parser, add_device_flags, add_sampling_flags, add_weights_flag, check_output_png,
+                        count, int_list)
 from util.sampling import edit_images, load_model, precision_for, sampling_for, save_png
 
 SHAPES = ("center", "left", "right", "top", "bottom", "border")
@@ -136,6 +137,7 @@ def get_args_parser():
     p.add_argument("--num_samples", type=count(1), default=4, help="edits per class")
     add_sampling_flags(p, defaults=None)
     add_device_flags(p)
+    add_weights_flag(p)
     p.add_argument("--upscale", type=count(1), default=4, help="enlargement of the side-by-side picture")
     p.add_argument("--output", required=True, help="PNG of the edits; <name>_side_by_side.png is written beside it")
     return p
@@ -157,7 +159,7 @@ def main(args):
     checkpoint = args.checkpoint or released_checkpoint(args.model, args.download_dir, args.url)
     if not os.path.isfile(checkpoint):
         raise misc.UserError(f"no checkpoint at {checkpoint}")
-    model, settings = load_model(checkpoint, torch.device(args.device), model_name=args.model)
+    model, settings = load_model(checkpoint, torch.device(args.device), model_name=args.model, weights=args.eval_weights)
     size = settings["img_size"]
     bad = [c for c in args.classes if not 0 <= c < settings["class_num"]]
     if bad:
@@ -172,7 +174,7 @@ def main(args):
     save_png(vutils.make_grid(edits, nrow=args.num_samples, padding=0), args.output)
     pair = args.output[:-4] + "_side_by_side.png"
     save_png(side_by_side(image, unknown, edits, args.num_samples, args.upscale), pair)
-    print(f"{settings['model']}: {len(edits)} edits of {args.image} (mask {args.mask}, classes "
+    print(f"{settings['model']} ({WEIGHT_NAMES[settings['weights']]}): {len(edits)} edits of {args.image} (mask {args.mask}, classes "
           f"{','.join(map(str, args.classes))}) -> {args.output}, {pair}")
 
 

@@ -167,6 +167,19 @@ def add_device_flags(p, precision=True):
                             "released), fp32 on the CPU, where fp16 is refused")
 
 
+WEIGHT_NAMES = {"ema": "EMA weights", "raw": "raw weights"}  # how outputs name the weights they used
+
+
+def add_weights_flag(p, both=False):
+    """--eval_weights: the EMA of the weights (--ema_rate) where there is one, or the raw weights; with
+    `both` (main_fractalgen.py), every evaluation with each."""
+    p.add_argument("--eval_weights", default="ema", choices=["ema", "raw"] + (["both"] if both else []),
+                   help="which weights to use: ema, the moving average of the weights (--ema_rate) where the "
+                        "checkpoint has one (model_ema), else the raw weights; raw, the optimizer's weights"
+                        + ("; both: every evaluation with each (the EMA's results, files and TensorBoard tags "
+                           "end in _ema)" if both else ""))
+
+
 def check_writable_folder(flag, folder):
     """A folder that exists, or can be made, and can be written in."""
     if folder is None:

@@ -29,11 +29,12 @@ def labels_of(num_images, class_num):
     return torch.arange(num_images) // (num_images // class_num)
 
 
-def folder_of(args):
-    """The folder's name says how its images were made (the release's naming)."""
+def folder_of(args, weights="raw"):
+    """The folder's name says how its images were made (the release's naming; -ema for EMA weights)."""
     return os.path.join(args.output_dir, f"ariter{args.num_iter_list.replace(',', '-')}-temp{args.temperature}-"
                                          f"{args.cfg_schedule}cfg{args.cfg}-filter{args.filter_threshold}-"
-                                         f"image{args.num_images}-res{args.img_size}")
+                                         f"image{args.num_images}-res{args.img_size}" + ("-ema" if weights == "ema"
+                                                                                         else ""))
 
 
 def weights_fingerprint(model):
@@ -85,14 +86,15 @@ def write_png(pixels, path):
 
 
 @torch.no_grad()
-def generate(model, args, device, sampling, gen_bsz):
+def generate(model, args, device, sampling, gen_bsz, weights="raw"):
     """Make sure the folder holds args.num_images class-balanced PNGs: images already there and valid are
     kept, the batches with missing or broken ones are generated again (with their own seeds, so the same
     images come out). `sampling`: sample_classes' settings; `gen_bsz`: images per batch and process, or
-    "auto". Returns the folder, the batch size used and seconds per generated image."""
+    "auto"; `weights`: "raw" or "ema", which names the folder. Returns the folder, the batch size used and
+    seconds per generated image."""
     model.eval()
     compile_sampling(model, args.compile_sampling)
-    folder = folder_of(args)
+    folder = folder_of(args, weights)
     prepare(folder, model, args.model)
     misc.barrier()
     labels = labels_of(args.num_images, args.class_num)
@@ -221,3 +223,27 @@ def grid_of(folder, num_images, show=64):
     images = [torch.from_numpy(np.asarray(Image.open(os.path.join(folder, f"{i:05d}.png")).convert("RGB")).copy())
               for i in picks]
     return vutils.make_grid(torch.stack(images).permute(0, 3, 1, 2), nrow=8, padding=2)
+
+
+def save_npz(folder, num_images, img_size):
+    """The folder's images as one .npz beside it, as the ADM evaluator (guided-diffusion's
+    evaluations/evaluator.py) reads it: `arr_0`, uint8, num_images×S×S×3, in image order. Built from the
+    PNGs one at a time (the .npy member is streamed into the zip, so memory stays at one image) and
+    written atomically; the same PNGs give the same file. Returns its path."""
+    import zipfile
+    path = folder.rstrip(os.sep) + ".npz"
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (num_images, img_size, img_size, 3)}
+    with misc.write_atomically(path) as f:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as archive:  # np.savez's layout
+            info = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))  # a fixed date: the same bytes
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(member, header)
+                for i in range(num_images):
+                    with Image.open(os.path.join(folder, f"{i:05d}.png")) as img:
+                        pixels = np.asarray(img.convert("RGB"), dtype=np.uint8)
+                    if pixels.shape != (img_size, img_size, 3):
+                        raise misc.UserError(f"{folder}/{i:05d}.png is {pixels.shape[1]}x{pixels.shape[0]}, not "
+                                             f"{img_size}x{img_size}: generate the folder again")
+                    member.write(pixels.tobytes())
+    return path

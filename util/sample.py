@@ -15,7 +15,8 @@ import torch
 import util.misc as misc
 from models.fractalgen import RELEASED
 from util.download import download_pretrained
-from util.flags import Parser, add_device_flags, add_sampling_flags, check_output_png, count, int_list
+from util.flags import (WEIGHT_NAMES, Parser, add_device_flags, add_sampling_flags, add_weights_flag, check_output_png,
+                        count, int_list)
 from util.sampling import grid_upscale, load_model, precision_for, sampling_for, save_sample_grid
 
 
@@ -34,6 +35,7 @@ def get_args_parser():
     p.add_argument("--per_class", type=count(1), default=4, help="samples per class (the columns)")
     add_sampling_flags(p, defaults=None)
     add_device_flags(p)
+    add_weights_flag(p)
     p.add_argument("--upscale", type=count(1), default=None, help="enlarge each sample (nearest); default up to 64 px")
     p.add_argument("--download_dir", default="pretrained_models", help="where released checkpoints are kept")
     p.add_argument("--output", default="samples.png", help="the PNG to write")
@@ -45,7 +47,8 @@ def sample(args):
     precision = precision_for(args)
     check_output_png("output", args.output)
     path = args.checkpoint or download_pretrained(args.model, args.download_dir)
-    model, settings = load_model(path, torch.device(args.device), model_name=args.model or args.model_name)
+    model, settings = load_model(path, torch.device(args.device), model_name=args.model or args.model_name,
+                                 weights=args.eval_weights)
     if args.classes is not None:
         classes = args.classes
     elif model.num_classes <= 20:
@@ -67,7 +70,7 @@ def main(argv=None):
     def work():
         path, s = sample(get_args_parser().parse_args(argv))
         print(f"{path}: {s['model']}, num_iter_list {s['num_iter_list']}, cfg {s['cfg']} ({s['cfg_schedule']}), "
-              f"temperature {s['temperature']}, seed {s['seed']}")
+              f"temperature {s['temperature']}, seed {s['seed']}, {WEIGHT_NAMES[s['weights']]}")
     return misc.run_command(work)
 
 

@@ -19,9 +19,13 @@ from models.layers import imagenet_stats
 from util.flags import SAMPLING_DEFAULTS, SAMPLING_FLAGS, check_precision, default_precision, parse_num_iter
 
 
-def load_model(checkpoint_path, device="cpu", model_name=None):
+def load_model(checkpoint_path, device="cpu", model_name=None, weights="ema"):
     """(model in eval mode on `device`, its settings) from a checkpoint written by main_fractalgen.py
     or released with the paper.
+
+    weights: "ema" loads the moving average of the weights (`model_ema`, training with --ema_rate)
+    where the checkpoint has one, else its raw weights; "raw" the raw weights. settings["weights"] says
+    which ("ema" or "raw").
 
     The settings (model, class_num, num_conds, guiding_pixel, img_size, and the sampling settings
     num_iter_list, cfg, cfg_schedule, temperature, filter_threshold, seed) come from the checkpoint's
@@ -42,7 +46,8 @@ def load_model(checkpoint_path, device="cpu", model_name=None):
                              f"one of {', '.join(RELEASED)}")
     model = build_model(settings["model"], **{k: settings[k] for k in ("class_num", "num_conds", "guiding_pixel")
                                               if k in settings})
-    checkpoint.load_model_state(model, ckpt["model"], checkpoint_path)
+    settings["weights"], state = checkpoint.weights_for(ckpt, weights)
+    checkpoint.load_model_state(model, state, checkpoint_path)
     settings.update(img_size=model.img_size, class_num=model.num_classes)
     return model.to(device).eval(), settings
 
