@@ -124,6 +124,9 @@ def get_args_parser():
     p.add_argument("--local_rank", default=-1, type=int, help="set by the launcher")
     p.add_argument("--dist_on_itp", action="store_true", help="take ranks from OpenMPI's environment")
     p.add_argument("--dist_url", default="env://", help="how processes find each other")
+    p.add_argument("--dist_timeout", type=number(0, low_ok=False), default=misc.DIST_TIMEOUT_MINUTES,
+                   help="minutes a collective waits for the slowest process before the run fails (work rank 0 "
+                        "does alone, such as writing a checkpoint, is waited for without this bound)")
     p.add_argument("--no_flip", action="store_true",
                    help="train without random horizontal flips (for images that are not mirror-symmetric, such as "
                         "digits; the demo sets it)")
@@ -227,7 +230,7 @@ def main(args):
     check_args(args)
     if args.demo:  # the preset's data: the bundled digits, written on first use
         demo_data.prepare(args.data_path, args.img_size)
-    device = misc.init_distributed_mode(args.device, args.dist_on_itp, args.dist_url)
+    device = misc.init_distributed_mode(args.device, args.dist_on_itp, args.dist_url, args.dist_timeout)
     if device.type == "cpu":
         misc.keep_freed_memory()
     torch.manual_seed(args.seed + misc.get_rank())

@@ -6,8 +6,11 @@ import datetime
 import errno
 import json
 import os
+import re
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 
@@ -67,10 +70,17 @@ def run_command(work):
 
 
 # ----------------------------------------------------------------------------- distributed
-def init_distributed_mode(device_name, dist_on_itp=False, dist_url="env://"):
-    """Join the process group that torchrun, OpenMPI (--dist_on_itp) or SLURM started, and return this
+DIST_TIMEOUT_MINUTES = 30.0  # --dist_timeout's default (gloo's own default; NCCL's is 10 minutes)
+# How long the other ranks wait for work that rank 0 does alone (a checkpoint written to a busy shared disk,
+# a generation folder cleaned): they wait on a gloo group of their own, not under --dist_timeout.
+RANK0_WAIT = datetime.timedelta(hours=4)
+_rank0_group = None
+
+
+def init_distributed_mode(device_name, dist_on_itp=False, dist_url="env://", timeout_minutes=DIST_TIMEOUT_MINUTES):
+    """Join the process group that torchrun, OpenMPI (--dist_on_itp) or SLURM's srun started, and return this
     process's device (on CUDA, its local GPU); a plain `python main_fractalgen.py` runs as one process.
-    NCCL on CUDA, gloo on CPU."""
+    NCCL on CUDA, gloo on CPU; a collective that waits longer than `timeout_minutes` for a rank fails."""
     env = os.environ
     if dist_on_itp:
         rank, world_size = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
@@ -80,21 +90,68 @@ def init_distributed_mode(device_name, dist_on_itp=False, dist_url="env://"):
     elif "RANK" in env and "WORLD_SIZE" in env:
         rank, world_size, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        local_rank = rank % max(torch.cuda.device_count(), 1)
+        rank, world_size, local_rank = slurm_ranks(env)
     else:
         return torch.device(device_name)
     use_cuda = device_name.startswith("cuda")
     device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device(device_name)
     if use_cuda:
         torch.cuda.set_device(device)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     # torchrun keeps one key-value store across the restarts of --max-restarts; keys of the attempt
     # that died (such as a dead worker's address) would be read as current, so each attempt gets its own
     store, _, _ = next(dist.rendezvous(dist_url, rank=rank, world_size=world_size))
     store = dist.PrefixStore(f"fractalgen/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=store, world_size=world_size, rank=rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=store, world_size=world_size, rank=rank,
+                            timeout=timeout)
+    global _rank0_group
+    _rank0_group = dist.new_group(backend="gloo", timeout=max(RANK0_WAIT, timeout))
     dist.barrier()
     return device
+
+
+def slurm_ranks(env):
+    """(rank, world size, local rank) of a process that `srun` started, with RANK, WORLD_SIZE and LOCAL_RANK
+    exported, and MASTER_ADDR (the job's first host) and MASTER_PORT (from the job id) unless already set."""
+    rank, world_size, local_rank = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    if "MASTER_ADDR" not in env:
+        host = first_slurm_host(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""))
+        if host is None:
+            raise UserError("cannot tell the first host of this SLURM job (no SLURM_JOB_NODELIST): set MASTER_ADDR "
+                            "and MASTER_PORT (e.g. export MASTER_ADDR=$(hostname) MASTER_PORT=29500 before srun)")
+        env["MASTER_ADDR"] = host
+    if "MASTER_PORT" not in env:
+        if not env.get("SLURM_JOB_ID", "").isdigit():
+            raise UserError("cannot derive a port from this SLURM job (no SLURM_JOB_ID): set MASTER_ADDR and "
+                            "MASTER_PORT (e.g. export MASTER_PORT=29500 before srun)")
+        env["MASTER_PORT"] = str(slurm_port(int(env["SLURM_JOB_ID"])))
+    env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+    return rank, world_size, local_rank
+
+
+def slurm_port(job_id):
+    """The job's port: the same on every node of a job, different for jobs that may share a node."""
+    return 15000 + job_id % 20000
+
+
+def first_slurm_host(nodelist):
+    """The first host of a SLURM node list: `scontrol show hostnames` where it exists, otherwise parsed
+    (forms like `node[01-04,07],gpu3`, `a-[1-2]-x`); None for an empty list."""
+    if not nodelist:
+        return None
+    if shutil.which("scontrol"):
+        try:
+            hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                   timeout=30, check=True).stdout.split()
+            if hosts:
+                return hosts[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    first = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?([^,]*)", nodelist)
+    prefix, ranges, suffix = first.groups()
+    if ranges is None:
+        return prefix or None
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
 
 
 def is_dist():
@@ -135,6 +192,16 @@ def all_reduce_max(tensor):
 def all_ranks_ok(ok, device):
     """True only if `ok` holds on every rank (so that all ranks stop together)."""
     return all_reduce_max(torch.tensor([0.0 if ok else 1.0], device=device)).item() == 0
+
+
+def share_from_rank0(value):
+    """Rank 0's `value` on every rank. The others wait for it on a group of their own with a long timeout
+    (RANK0_WAIT): call it after work that rank 0 does alone, so that their wait is not bounded by --dist_timeout."""
+    if not is_dist():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=_rank0_group)
+    return box[0]
 
 
 def autocast(device, precision):
@@ -233,13 +300,7 @@ def lock_output_dir(folder):
     process's end (the OS drops it when the process dies, also by SIGKILL); calling it again in the same
     process keeps it. Rank 0 takes it; every rank learns whether it succeeded. A second run gets a
     UserError naming the folder and the holder's pid."""
-    error = None
-    if is_main_process():
-        error = _take_lock(folder)
-    if is_dist():
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
+    error = share_from_rank0(_take_lock(folder) if is_main_process() else None)
     if error:
         raise UserError(error)
 
