@@ -8,6 +8,7 @@ Many:          torchrun --nproc_per_node=8 main_fractalgen.py ...   (also SLURM,
 import argparse
 import math
 import os
+import socket
 import sys
 import time
 
@@ -216,6 +217,51 @@ def build(args):
     return model, parse_num_iter(args.num_iter_list, model.num_fractal_levels - 1, args.model)
 
 
+def resume_on_every_rank(args, training):
+    """checkpoint.to_resume on every rank, which must all see the same checkpoint files as rank 0 (or their
+    absence): otherwise every rank stops with one line naming a rank that differs, instead of one rank
+    resuming while another starts afresh and their collectives hang."""
+    try:
+        (path, ckpt), error = checkpoint.to_resume(args, training), None
+    except misc.UserError as e:
+        path, ckpt, error = None, None, str(e)
+    seen = checkpoint_files_seen(args, ckpt)
+    rank0 = misc.share_from_rank0(seen)
+    differs = next((p for p, mine, theirs in zip((f for f, _ in seen), seen, rank0) if mine != theirs), None)
+    misc.stop_unless_all(differs and (
+        f"{socket.gethostname()} (rank {misc.get_rank()}) sees {describe_seen(dict(seen)[differs])} at {differs}, "
+        f"rank 0 {describe_seen(dict(rank0)[differs])}: --output_dir must be on a disk every node shares (and "
+        "--resume too)"))
+    if error:
+        raise misc.UserError(error)
+    return path, ckpt
+
+
+def checkpoint_files_seen(args, ckpt):
+    """What this rank sees of the run's checkpoint files (--resume's, --output_dir's): for each path, its size
+    and modification time, and the epoch and step of the one resumed from; None where there is no file."""
+    paths = dict.fromkeys(checkpoint.path_in(f) for f in (args.resume, args.output_dir) if f)
+    seen = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            seen.append((p, {"bytes": st.st_size, "modified": st.st_mtime_ns}))
+        except OSError:
+            seen.append((p, None))
+    seen.append(("the checkpoint resumed from",
+                 ckpt and {"epoch": ckpt.get("epoch"), "resume_at": ckpt.get("resume_at")}))
+    return seen
+
+
+def describe_seen(file):
+    if file is None:
+        return "no checkpoint"
+    if "bytes" in file:
+        return f"a checkpoint of {file['bytes']} bytes modified at {file['modified'] / 1e9:.3f}"
+    step = f", step {file['resume_at']['step']}" if file.get("resume_at") else ""
+    return f"epoch {file['epoch']}{step}"
+
+
 def param_groups(model, weight_decay):
     """AdamW groups as released: no weight decay on 1-D tensors (norms, biases) and on *.bias."""
     decay, no_decay = [], []
@@ -242,7 +288,7 @@ def main(args):
     dataset_train = image_folder(args.data_path, "train", args.img_size, args.class_num) if training else None
     needs_val = args.evaluate_nll or (training and args.final_nll)  # checked now, not after training
     dataset_val = image_folder(args.data_path, "val", args.img_size, args.class_num) if needs_val else None
-    ckpt_path, ckpt = checkpoint.to_resume(args, training)
+    ckpt_path, ckpt = resume_on_every_rank(args, training)
     if ckpt is not None:
         checkpoint.load_model_state(model, ckpt["model"], ckpt_path)
     world, rank = misc.get_world_size(), misc.get_rank()
@@ -258,6 +304,7 @@ def main(args):
     # every check has passed: from here on, output_dir is written
     os.makedirs(args.output_dir, exist_ok=True)
     misc.lock_output_dir(args.output_dir)
+    misc.check_shared_folder(args.output_dir)
     if misc.is_main_process():
         misc.remove_stale_temporaries(args.output_dir, [checkpoint.NAME, "results.json"])
     model.to(device)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from helpers import MODEL_ARGS, ROOT
+from helpers import MODEL_ARGS, ROOT, write_image_folder
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process: what torchrun sets, and bit-identical
 
@@ -65,3 +65,58 @@ def test_work_on_rank0_alone_is_waited_for_beyond_the_process_group_timeout(tmp_
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(o.splitlines()[0] == "saved" for o in outputs), outputs
     assert procs[1].returncode != 0 and "Timed out waiting 1200ms" in outputs[1], outputs[1][-2000:]
+
+
+def two_nodes(args, node1=(), timeout=300):
+    """Two torchrun agents on 127.0.0.1 as two nodes of one process each; `node1`: a command prefix for the
+    second (e.g. a private mount). Returns (exit code, stdout, stderr) of each agent."""
+    port = free_port()
+    procs = [subprocess.Popen(list(prefix) + [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                                               f"--node_rank={node}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                                               f"--master_port={port}", "main_fractalgen.py"] + args,
+                              cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+             for node, prefix in ((0, ()), (1, node1))]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+        return [(p.returncode,) + o for p, o in zip(procs, outputs)]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def private_mount(private, folder):
+    """A command prefix that runs a command with its own view of `folder` (`private` bound over it): a node
+    whose --output_dir is not the shared disk. Skips the test where mount namespaces are refused."""
+    if subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind {private} {folder}"], capture_output=True).returncode:
+        pytest.skip("unshare -m with mount --bind is refused here (needs root)")
+    return ["unshare", "-m", "sh", "-c", f'mount --bind "{private}" "{folder}" && exec "$@"', "sh"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_image_folder(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.mark.parametrize("what", ["resume", "generate"])
+def test_a_node_that_does_not_see_the_output_dir_stops_every_rank_with_one_line(trained, data, tmp_path, what):
+    """Node 1's --output_dir is a folder of its own. Resuming training, it sees no checkpoint where rank 0
+    sees one; generating, it has an exact copy of the checkpoint (same size and time) but not the files rank 0
+    writes. Every rank stops with exit code 2 and one line naming the host and the folder."""
+    import shutil
+    out, private = tmp_path / "out", tmp_path / "private"
+    out.mkdir()
+    private.mkdir()
+    shutil.copy2(os.path.join(trained, "checkpoint-last.pth"), out)
+    if what == "generate":
+        shutil.copy2(os.path.join(trained, "checkpoint-last.pth"), private)
+        args = ["--evaluate_gen", "--num_images", "6", "--num_iter_list", "2,2", "--fid_stats", "none"]
+    else:
+        args = ["--epochs", "2", "--data_path", data]
+    runs = two_nodes(MODEL_ARGS + ["--resume", str(out), "--output_dir", str(out)] + args,
+                     node1=private_mount(str(private), str(out)), timeout=240)
+    hint = "--output_dir must be on a disk every node shares"
+    for rc, stdout, stderr in runs:
+        assert rc != 0 and "exitcode  : 2" in stderr, stderr[-3000:]
+        line, = [l for l in stderr.splitlines() if hint in l] or [stderr[-2000:]]
+        assert f"{socket.gethostname()} (rank 1)" in line and str(out) in line, line
+    assert not [f for f in os.listdir(out) if f.startswith(".fractalgen-")]  # no check file left behind

@@ -204,6 +204,50 @@ def share_from_rank0(value):
     return box[0]
 
 
+def stop_unless_all(error):
+    """Each rank passes its error message or None; if any rank has one, every rank raises a UserError with
+    the first one (so that no rank goes on alone into a collective that would wait for the others)."""
+    if not is_dist():
+        errors = [error]
+    else:
+        errors = [None] * get_world_size()
+        dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise UserError(first)
+
+
+def check_shared_folder(folder, what="--output_dir"):
+    """Every rank sees the `folder` that rank 0 sees, and can write in it; otherwise every rank stops with
+    one line naming the host and the folder (a node whose --output_dir is a disk of its own would write
+    its files where rank 0 never sees them)."""
+    token = share_from_rank0(f".fractalgen-shared-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+                             if is_main_process() else None)
+    path = os.path.join(folder, token)
+    if is_main_process():
+        with open(path, "w") as f:
+            f.write("written by rank 0 to check that every rank sees this folder\n")
+    error = None
+    if not os.path.exists(path):
+        error = "it does not see a file that rank 0 has just written there"
+    else:
+        probe = os.path.join(folder, f".fractalgen-write-{socket.gethostname()}-{os.getpid()}")
+        try:
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            error = f"it cannot write there ({e.strerror or e})"
+    if error:
+        error = (f"{socket.gethostname()} (rank {get_rank()}) does not share {what} {folder} with rank 0: {error}; "
+                 "--output_dir must be on a disk every node shares")
+    try:
+        stop_unless_all(error)
+    finally:
+        if is_main_process():
+            os.remove(path)
+
+
 def autocast(device, precision):
     """Mixed precision for the forward pass: fp16 or bf16 autocast, or none for fp32."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)

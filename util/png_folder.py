@@ -95,6 +95,7 @@ def generate(model, args, device, sampling, gen_bsz):
     folder = folder_of(args)
     prepare(folder, model, args.model)
     misc.share_from_rank0(None)  # rank 0 may remove thousands of files: waited for without --dist_timeout
+    misc.check_shared_folder(folder, "the generation folder")  # every rank writes its images there
     labels = labels_of(args.num_images, args.class_num)
     valid = {}  # image index -> whether a good PNG is there, checked once
     auto = gen_bsz == "auto"
