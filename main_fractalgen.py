@@ -262,6 +262,24 @@ def describe_seen(file):
     return f"epoch {file['epoch']}{step}"
 
 
+def what_changed(ckpt, args, world, lr_given):
+    """One line when a run resumes with another number of processes or batch size than it saved with
+    (an elastic restart on fewer nodes): the processes, the effective batch and the learning rate, which
+    follows --blr unless --lr is given; None when nothing changed (or the checkpoint does not say)."""
+    saved, saved_world = ckpt.get("args"), len(ckpt.get("rng") or [])
+    if saved is None or not saved_world or not hasattr(saved, "batch_size"):
+        return None
+    before, now = saved.batch_size * saved_world, args.batch_size * world
+    if (saved_world, before) == (world, now):
+        return None
+    old_lr = getattr(saved, "lr", None)
+    lr = (f"lr {args.lr:.4g} as given by --lr" if lr_given else
+          f"lr {args.lr:.4g} (--blr {args.blr:g} × {now} / 256)") + (f" instead of {old_lr:.4g}" if old_lr else "")
+    keep = f"; pass --lr {old_lr:.4g} to keep the old one" if old_lr and not lr_given and old_lr != args.lr else ""
+    return (f"The run continues with {world} process(es) instead of {saved_world}: effective batch {now} instead of "
+            f"{before}, {lr}{keep}")
+
+
 def param_groups(model, weight_decay):
     """AdamW groups as released: no weight decay on 1-D tensors (norms, biases) and on *.bias."""
     decay, no_decay = [], []
@@ -313,7 +331,8 @@ def main(args):
     model_without_ddp = model
     print_rank0(f"Model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
                 f"device {device}, {world} process(es), precision {args.precision}")
-    if args.lr is None:
+    lr_given = args.lr is not None
+    if not lr_given:
         args.lr = args.blr * args.batch_size * world / 256
     optimizer = torch.optim.AdamW(param_groups(model_without_ddp, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
@@ -323,6 +342,8 @@ def main(args):
         if training:
             start_epoch, consumed = checkpoint.restore_training_state(ckpt, optimizer, scaler, device)
         print_rank0(f"Resumed from {ckpt_path} ({checkpoint.describe(ckpt)})")
+        if training:
+            print_rank0(what_changed(ckpt, args, world, lr_given))
         del ckpt
 
     if misc.is_dist():
@@ -431,7 +452,7 @@ def report_samples(model, args, log_writer, sampling, batch_size):
 
 
 def print_rank0(msg):
-    if misc.is_main_process():
+    if msg is not None and misc.is_main_process():
         print(msg, flush=True)
 
 

@@ -120,3 +120,41 @@ def test_a_node_that_does_not_see_the_output_dir_stops_every_rank_with_one_line(
         line, = [l for l in stderr.splitlines() if hint in l] or [stderr[-2000:]]
         assert f"{socket.gethostname()} (rank 1)" in line and str(out) in line, line
     assert not [f for f in os.listdir(out) if f.startswith(".fractalgen-")]  # no check file left behind
+
+
+# ----------------------------------------------------------------------------- training across nodes
+def test_two_nodes_train_as_one_node_and_a_restart_with_fewer_processes_says_what_changed(data, tmp_path, capsys):
+    """Two torchrun agents as two nodes of one process each give the weights, optimizer state and BPD of
+    one node with two processes, bit for bit. Resuming that run with one process says in one line what
+    changed (processes, effective batch, lr); an explicit --lr stays as given."""
+    import torch
+    common = MODEL_ARGS + ["--data_path", data, "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "1",
+                           "--final_nll", "--nll_bsz", "3"]
+    one, two = str(tmp_path / "one_node"), str(tmp_path / "two_nodes")
+    single = torchrun(common + ["--output_dir", one])
+    assert single.returncode == 0, single.stderr[-3000:]
+    runs = two_nodes(common + ["--output_dir", two])
+    assert all(rc == 0 for rc, _, _ in runs), runs[0][2][-2000:] + runs[1][2][-2000:]
+    assert "2 process(es)" in runs[0][1]
+    bpd = [float(out.split("BPD: ")[1].split()[0]) for out in (single.stdout, runs[0][1])]
+    assert bpd[0] == bpd[1]
+    a, b = (torch.load(os.path.join(d, "checkpoint-last.pth"), map_location="cpu", weights_only=False) for d in (one, two))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in ("exp_avg", "exp_avg_sq"))
+
+    import shutil
+    import main_fractalgen
+    shutil.copytree(one, one + "_lr")
+    lr = 5e-5 * 4 / 256
+    for folder, extra, change in (
+            (one, [], f"lr {lr:.4g} (--blr 5e-05 × 4 / 256) instead of {2 * lr:.4g}; pass --lr {2 * lr:.4g} to keep "
+                      "the old one"),
+            (one + "_lr", ["--lr", "0.001"], f"lr 0.001 as given by --lr instead of {2 * lr:.4g}")):
+        main_fractalgen.main(main_fractalgen.parse_args(
+            MODEL_ARGS + ["--data_path", data, "--batch_size", "4", "--warmup_epochs", "1", "--epochs", "2",
+                          "--output_dir", folder, "--resume", folder] + extra))
+        said = capsys.readouterr().out
+        assert f"The run continues with 1 process(es) instead of 2: effective batch 4 instead of 8, {change}\n" in said
+        saved = torch.load(os.path.join(folder, "checkpoint-last.pth"), map_location="cpu", weights_only=False)
+        assert saved["epoch"] == 1 and saved["args"].lr == (0.001 if extra else lr)
