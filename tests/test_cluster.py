@@ -158,3 +158,64 @@ def test_two_nodes_train_as_one_node_and_a_restart_with_fewer_processes_says_wha
         assert f"The run continues with 1 process(es) instead of 2: effective batch 4 instead of 8, {change}\n" in said
         saved = torch.load(os.path.join(folder, "checkpoint-last.pth"), map_location="cpu", weights_only=False)
         assert saved["epoch"] == 1 and saved["args"].lr == (0.001 if extra else lr)
+
+
+# ----------------------------------------------------------------------------- SLURM
+def test_first_host_of_a_slurm_node_list():
+    from util.misc import first_slurm_host
+    assert first_slurm_host("node[01-04],other") == "node01"
+    assert first_slurm_host("gpu-a[3,5-7]") == "gpu-a3" and first_slurm_host("a-[1-2]-x") == "a-1-x"
+    assert first_slurm_host("host1,host2") == "host1" and first_slurm_host("single") == "single"
+    assert first_slurm_host("") is None
+
+
+def test_slurm_ranks_come_from_srun_variables():
+    from util.misc import slurm_port, slurm_ranks
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "n[07-08]",
+           "SLURM_JOB_ID": "123456"}
+    assert slurm_ranks(env) == (5, 8, 1)  # cyclic placement: the device is SLURM_LOCALID, not rank % GPUs
+    assert env["MASTER_ADDR"] == "n07" and env["MASTER_PORT"] == str(slurm_port(123456))
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("5", "8", "1")
+    kept = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "MASTER_ADDR": "head", "MASTER_PORT": "29500"}
+    slurm_ranks(kept)
+    assert (kept["MASTER_ADDR"], kept["MASTER_PORT"]) == ("head", "29500")
+
+
+def slurm_env(rank, job_id, nodelist="localhost"):
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_JOB_ID=str(job_id))
+    if nodelist:
+        env["SLURM_JOB_NODELIST"] = nodelist
+    return env
+
+
+def test_srun_style_plain_processes_train(data, tmp_path):
+    """Two plain `python main_fractalgen.py` processes with only srun's variables: MASTER_ADDR from the node
+    list, MASTER_PORT from the job id; they train one epoch together."""
+    from util.misc import slurm_port
+    job_id = next(j for j in range(os.getpid() % 20000, 20000) if port_is_free(slurm_port(j)))
+    out = str(tmp_path / "out")
+    argv = MODEL_ARGS + ["--data_path", data, "--batch_size", "4", "--epochs", "1", "--output_dir", out]
+    procs = [subprocess.Popen([sys.executable, "main_fractalgen.py"] + argv, cwd=ROOT, text=True,
+                              env=slurm_env(rank, job_id), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for rank in range(2)]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
+    assert "2 process(es)" in outputs[0] and "Training from epoch 0 to 1" in outputs[0]
+    assert os.path.exists(os.path.join(out, "checkpoint-last.pth"))
+
+
+def test_srun_without_a_node_list_says_to_set_master_addr_and_port(tmp_path):
+    proc = subprocess.run([sys.executable, "main_fractalgen.py", "--epochs", "1", "--output_dir", str(tmp_path)],
+                          cwd=ROOT, text=True, capture_output=True, env=slurm_env(0, 1, nodelist=None), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and "set MASTER_ADDR and MASTER_PORT" in proc.stderr, proc.stderr
+
+
+def port_is_free(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

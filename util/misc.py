@@ -221,13 +221,16 @@ def check_shared_folder(folder, what="--output_dir"):
     """Every rank sees the `folder` that rank 0 sees, and can write in it; otherwise every rank stops with
     one line naming the host and the folder (a node whose --output_dir is a disk of its own would write
     its files where rank 0 never sees them)."""
-    token = share_from_rank0(f".fractalgen-shared-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
-                             if is_main_process() else None)
-    path = os.path.join(folder, token)
-    if is_main_process():
+    path = None
+    if is_main_process():  # written before its name is shared, so that it exists when the others look
+        path = os.path.join(folder, f".fractalgen-shared-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}")
         with open(path, "w") as f:
             f.write("written by rank 0 to check that every rank sees this folder\n")
+    path = os.path.join(folder, os.path.basename(share_from_rank0(path)))
     error = None
+    deadline = time.time() + 3  # a new name is looked up afresh even on NFS; a little grace for slower ones
+    while not os.path.exists(path) and time.time() < deadline:
+        time.sleep(0.2)
     if not os.path.exists(path):
         error = "it does not see a file that rank 0 has just written there"
     else:
