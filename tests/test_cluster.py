@@ -219,3 +219,68 @@ def port_is_free(port):
         except OSError:
             return False
     return True
+
+
+# ----------------------------------------------------------------------------- the lock without flock
+NO_FLOCK = """
+import errno, fcntl, sys, time
+def flock(*args):  # what Lustre or NFS without flock answer
+    raise OSError(errno.ENOLCK, "No locks available")
+fcntl.flock = flock
+sys.path.insert(0, sys.argv[1])
+import util.misc as m
+m.lock_output_dir(sys.argv[2])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def no_flock(monkeypatch):
+    import errno
+    import fcntl
+
+    def flock(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+def test_without_flock_a_lock_file_keeps_one_run_per_folder_and_a_dead_holders_is_taken_over(tmp_path, no_flock,
+                                                                                               capsys):
+    import json
+    import util.misc as misc
+    folder, lock = str(tmp_path), str(tmp_path / misc.LOCK_FILE_NAME)
+    holder = subprocess.Popen([sys.executable, "-c", NO_FLOCK, ROOT, folder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        record = json.load(open(lock))
+        assert (record["host"], record["pid"]) == (socket.gethostname(), holder.pid) and record["since"]
+        with pytest.raises(misc.UserError, match=f"another run .pid {holder.pid} on .+. is using --output_dir"):
+            misc.lock_output_dir(folder)
+    finally:
+        holder.kill()
+        holder.wait()
+    misc.lock_output_dir(folder)  # the holder died by SIGKILL: its file is left, and taken over
+    assert f"Took over the lock {lock} of pid {holder.pid} on {socket.gethostname()}" in capsys.readouterr().out
+    assert json.load(open(lock))["pid"] == os.getpid()
+    misc.release_output_dir(folder)
+    assert not os.path.exists(lock)
+    with open(lock, "w") as f:  # another host's lock: respected, whatever its pid
+        json.dump({"host": "other-node", "pid": os.getpid() + 1, "since": "then"}, f)
+    with pytest.raises(misc.UserError, match=f"pid {os.getpid() + 1} on other-node, since then.*remove {lock}"):
+        misc.lock_output_dir(folder)
+
+
+@pytest.mark.parametrize("flock", ["works", "unsupported"])
+def test_a_lock_file_that_is_a_symlink_is_not_written_through(tmp_path, monkeypatch, flock, request):
+    import util.misc as misc
+    if flock == "unsupported":
+        request.getfixturevalue("no_flock")
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    os.symlink(target, folder / (misc.LOCK_NAME if flock == "works" else misc.LOCK_FILE_NAME))
+    with pytest.raises(misc.UserError, match="is a symbolic link; remove it"):
+        misc.lock_output_dir(str(folder))
+    assert target.read_text() == "keep me"

@@ -338,18 +338,35 @@ def remove_stale_temporaries(folder, names):
 
 
 LOCK_NAME = ".fractalgen.lock"
-_held_locks = {}
+# Where flock does not work (Lustre or NFS mounted without it: ENOLCK, ENOSYS, EOPNOTSUPP), the lock is
+# this file's existence instead (made with O_EXCL, which NFS keeps atomic), holding host, pid and start time.
+LOCK_FILE_NAME = ".fractalgen.lockfile"
+_held_locks = {}  # folder -> the open flock file, or the path and text of the lock file we made
 atexit.register(lambda: [release_output_dir(folder) for folder in list(_held_locks)])
 
 
 def lock_output_dir(folder):
     """One run per output folder: an fcntl lock on a file in it, held until release_output_dir or the
     process's end (the OS drops it when the process dies, also by SIGKILL); calling it again in the same
-    process keeps it. Rank 0 takes it; every rank learns whether it succeeded. A second run gets a
-    UserError naming the folder and the holder's pid."""
+    process keeps it. Where flock is not supported, a lock file (LOCK_FILE_NAME) instead. Rank 0 takes it;
+    every rank learns whether it succeeded. A second run gets a UserError naming the folder and the holder."""
     error = share_from_rank0(_take_lock(folder) if is_main_process() else None)
     if error:
         raise UserError(error)
+
+
+def _open_nofollow(path, flags):
+    """os.open that refuses a symbolic link (a lock must never write through one to another file)."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+
+
+def _symlink_error(path):
+    return f"{path} is a symbolic link; remove it (the lock is a plain file there) and run the same command again"
+
+
+def _held_message(holder, folder):
+    return (f"another run (pid {holder}) is using --output_dir {folder}; wait for it to end, stop it, or "
+            "choose another --output_dir")
 
 
 def _take_lock(folder):
@@ -360,18 +377,26 @@ def _take_lock(folder):
     path = os.path.join(folder, LOCK_NAME)
     held = _held_locks.get(os.path.abspath(folder))
     if held is not None:  # main() called again in this process: keep the lock if its file is still there
-        if os.path.exists(path) and os.path.samestat(os.fstat(held.fileno()), os.stat(path)):
+        if _still_held(held, path):
             return None
         release_output_dir(folder)
-    f = open(path, "a+")
+    try:
+        fd = _open_nofollow(path, os.O_RDWR | os.O_CREAT)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return _symlink_error(path)
+        raise
+    f = os.fdopen(fd, "r+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        return (f"another run (pid {holder}) is using --output_dir {folder}; wait for it to end, stop it, or "
-                "choose another --output_dir")
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # held by another process
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            return _held_message(holder, folder)
+        f.close()  # ENOLCK, ENOSYS, EOPNOTSUPP, ...: this file system does not lock; never a false refusal
+        return _take_lock_file(folder)
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()} on {socket.gethostname()}\n")
@@ -380,10 +405,104 @@ def _take_lock(folder):
     return None
 
 
+def _still_held(held, path):
+    if isinstance(held, tuple):  # our lock file: still there with our text
+        return _read_lock_file(held[0]) == held[1]
+    return os.path.exists(path) and os.path.samestat(os.fstat(held.fileno()), os.stat(path))
+
+
+def _process_start(pid):
+    """When process `pid` started, in clock ticks since boot (None where /proc does not say): tells a live
+    holder from a new process that got a dead holder's pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid, start):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+def _read_lock_file(path):
+    try:
+        fd = _open_nofollow(path, os.O_RDONLY)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+    with os.fdopen(fd) as f:
+        return f.read()
+
+
+def _take_lock_file(folder, attempts=3):
+    """The lock as a file made with O_EXCL. One of a dead process on this host (or one left empty by a
+    writer killed at once) is taken over with a line saying so; one of another host is respected."""
+    path, host = os.path.join(folder, LOCK_FILE_NAME), socket.gethostname()
+    for _ in range(attempts):
+        text = json.dumps({"host": host, "pid": os.getpid(), "process_start": _process_start(os.getpid()),
+                           "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+        try:
+            fd = _open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return _symlink_error(path)
+            raise
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            _held_locks[os.path.abspath(folder)] = (path, text)
+            return None
+        try:
+            old = _read_lock_file(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return _symlink_error(path)
+            raise
+        if old is None:  # released meanwhile
+            continue
+        try:
+            holder = json.loads(old)
+            stale = holder["host"] == host and (holder["pid"] == os.getpid() or
+                                                not _alive(holder["pid"], holder.get("process_start")))
+            who = f"{holder['pid']} on {holder['host']}, since {holder.get('since', '?')}"
+        except (ValueError, KeyError, TypeError):  # empty or cut short: its writer died at once, or is writing now
+            stale = time.time() - os.stat(path, follow_symlinks=False).st_mtime > 60
+            who = "unknown"
+        if not stale:
+            return _held_message(who, folder) + f" (if that run is gone, remove {path})"
+        try:  # renamed away first: of two processes taking it over, one wins the O_EXCL create
+            os.rename(path, f"{path}.stale.{os.getpid()}")
+        except FileNotFoundError:
+            continue
+        os.remove(f"{path}.stale.{os.getpid()}")
+        print(f"Took over the lock {path} of pid {who}: that process is gone", flush=True)
+    return _held_message("unknown", folder) + f" (the lock file {path} keeps changing)"
+
+
 def release_output_dir(folder):
-    f = _held_locks.pop(os.path.abspath(folder), None)
-    if f is not None:
-        f.close()  # closing the file drops the lock
+    held = _held_locks.pop(os.path.abspath(folder), None)
+    if isinstance(held, tuple):  # our lock file: removed if it is still ours
+        path, text = held
+        try:
+            if _read_lock_file(path) == text:
+                os.remove(path)
+        except OSError:
+            pass
+    elif held is not None:
+        held.close()  # closing the file drops the lock
 
 
 def update_results(output_dir, **results):
