@@ -109,8 +109,7 @@ def evaluate_gen(model_without_ddp, args, device, epoch, log_writer, sampling, g
     if args.fid_stats != "none":
         from util.fid import compute_fid_is
         scores = compute_fid_is(folder, args.fid_stats, device, inception_weights=args.fid_inception_weights)
-
-    def report():
+    if misc.is_main_process():
         print(f"{args.num_images} images in {folder} ({seconds_per_image:.3f} s per generated image and rank)")
         if scores is not None:
             results.update(fid=scores["fid"], inception_score=scores["inception_score"])
@@ -121,8 +120,5 @@ def evaluate_gen(model_without_ddp, args, device, epoch, log_writer, sampling, g
         if log_writer is not None:
             log_writer.add_image("samples", png_folder.grid_of(folder, args.num_images), epoch)
         misc.update_results(args.output_dir, generation=results)
-
-    if misc.is_main_process():
-        report()
     misc.share_from_rank0(None)  # the others wait for rank 0's report without --dist_timeout's bound
     return dict(results, gen_bsz=gen_bsz)
