@@ -5,7 +5,7 @@ Each process extracts the Inception features of its share of the images and rank
 random Inception weights (the numbers mean nothing; only time and equality are measured) and writes
 the medians, their ratio, both scores, the commit and the versions to --out.
 
-    python benchmarks/fid_ranks.py [--images 48] [--repeats 3] [--out benchmarks/results/fid_ranks_cpu.json]
+    python benchmarks/fid_ranks.py [--images 160] [--repeats 3] [--out benchmarks/results/fid_ranks_cpu.json]
 """
 import argparse
 import json
@@ -77,7 +77,7 @@ def commit():
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worker", nargs=3, metavar=("FOLDER", "STATS", "WEIGHTS"), help=argparse.SUPPRESS)
-    p.add_argument("--images", type=int, default=48)
+    p.add_argument("--images", type=int, default=160)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "fid_ranks_cpu.json"))
     args = p.parse_args()
