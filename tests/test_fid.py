@@ -226,6 +226,3 @@ def test_two_processes_share_the_scoring_and_score_as_one(offline):
     assert len(shared) == 1, proc.stdout  # rank 0 alone prints
     halves = fid.compute_fid_is(folder, stats, CPU, inception_weights=weights, batch_size=10)
     assert (float(shared[0][0]), float(shared[0][1])) == (halves["fid"], halves["inception_score"])
-    whole = fid.compute_fid_is(folder, stats, CPU, inception_weights=weights, batch_size=64)
-    assert whole["fid"] == pytest.approx(halves["fid"], rel=1e-5)
-    assert whole["inception_score"] == pytest.approx(halves["inception_score"], rel=1e-5)
