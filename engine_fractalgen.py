@@ -104,24 +104,26 @@ def evaluate_nll(model, data_loader, device, args):
 
 
 def evaluate_gen(model_without_ddp, args, device, epoch, log_writer, sampling, gen_bsz, weights="raw"):
-    """Generate args.num_images into their PNG folder (util.png_folder), then (rank 0) FID and Inception
-    Score against --fid_stats, and with --save_npz the images as one .npz; returns the results, with the
-    batch size used ("auto" resolved). `weights`: "raw", or "ema" for EMA weights (their folder, results
-    and TensorBoard tags end in -ema / _ema)."""
+    """Generate args.num_images into their PNG folder (util.png_folder), then FID and Inception Score
+    against --fid_stats (every rank scores a share of the images, rank 0 combines them), and with --save_npz
+    the images as one .npz; returns the results, with the batch size used ("auto" resolved). `weights`:
+    "raw", or "ema" for EMA weights (their folder, results and TensorBoard tags end in -ema / _ema)."""
     folder, gen_bsz, seconds_per_image = png_folder.generate(model_without_ddp, args, device, sampling, gen_bsz,
                                                              weights)
     results = {"images": folder, "num_images": args.num_images, "seconds_per_image": seconds_per_image,
                "epoch": epoch, "weights": weights}
     said, tag = WEIGHT_NAMES[weights], "_ema" if weights == "ema" else ""
+    scores = None
+    if args.fid_stats != "none":
+        from util.fid import compute_fid_is
+        scores = compute_fid_is(folder, args.fid_stats, device, inception_weights=args.fid_inception_weights)
     if misc.is_main_process():
         print(f"{args.num_images} images of the {said} in {folder} ({seconds_per_image:.3f} s per generated image "
               "and rank)")
         if args.save_npz:
             results["npz"] = png_folder.save_npz(folder, args.num_images, args.img_size)
             print(f"ADM evaluator samples: {results['npz']}")
-        if args.fid_stats != "none":
-            from util.fid import compute_fid_is
-            scores = compute_fid_is(folder, args.fid_stats, device, inception_weights=args.fid_inception_weights)
+        if scores is not None:
             results.update(fid=scores["fid"], inception_score=scores["inception_score"])
             print(f"FID: {scores['fid']:.4f}, Inception Score: {scores['inception_score']:.4f} ({said})")
             if log_writer is not None:
@@ -130,5 +132,5 @@ def evaluate_gen(model_without_ddp, args, device, epoch, log_writer, sampling, g
         if log_writer is not None:
             log_writer.add_image("samples" + tag, png_folder.grid_of(folder, args.num_images), epoch)
         misc.update_results(args.output_dir, **{"generation" + tag: results})
-    misc.barrier()
+    misc.share_from_rank0(None)  # the others wait for rank 0's report (and npz) without --dist_timeout's bound
     return dict(results, gen_bsz=gen_bsz)

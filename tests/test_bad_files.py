@@ -257,3 +257,14 @@ def test_edit_refuses_a_decompression_bomb_in_one_line(tmp_path):
     with pytest.raises(misc.UserError, match="cannot read .*bomb.png as an image .DecompressionBombError") as e:
         open_image(str(bomb))
     assert one_line(e)
+
+
+def test_a_disk_full_before_the_run_starts_is_one_line_and_leaves_no_lock_file(data, tmp_path):
+    with small_disk(str(tmp_path / "disk"), "64k") as out:
+        with open(os.path.join(out, "filler"), "wb", buffering=0) as f:  # the disk is full before the run starts
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 4096)
+        with pytest.raises(misc.UserError, match=f"disk full in --output_dir {out}: free space there") as e:
+            main_fractalgen.main(main_fractalgen.parse_args(train_argv(data, out)))
+        assert one_line(e) and os.listdir(out) == ["filler"]

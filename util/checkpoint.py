@@ -72,8 +72,9 @@ def save(args, model_without_ddp, optimizer, scaler, epoch, device, step=None, c
             atomic_save(ckpt, path_in(args.output_dir))
         except UserError as e:  # a full disk: every rank stops, not only the one that writes
             error = str(e)
-    if not misc.all_ranks_ok(error is None, device):
-        raise UserError(error or "rank 0 could not save the checkpoint: see its message")
+    error = misc.share_from_rank0(error)  # the others wait for the write without --dist_timeout's bound
+    if error:
+        raise UserError(error)
     return path_in(args.output_dir)
 
 

@@ -6,8 +6,11 @@ import datetime
 import errno
 import json
 import os
+import re
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 
@@ -67,10 +70,17 @@ def run_command(work):
 
 
 # ----------------------------------------------------------------------------- distributed
-def init_distributed_mode(device_name, dist_on_itp=False, dist_url="env://"):
-    """Join the process group that torchrun, OpenMPI (--dist_on_itp) or SLURM started, and return this
+DIST_TIMEOUT_MINUTES = 30.0  # --dist_timeout's default (gloo's own default; NCCL's is 10 minutes)
+# How long the other ranks wait for work that rank 0 does alone (a checkpoint written to a busy shared disk,
+# a generation folder cleaned): they wait on a gloo group of their own, not under --dist_timeout.
+RANK0_WAIT = datetime.timedelta(hours=4)
+_rank0_group = None
+
+
+def init_distributed_mode(device_name, dist_on_itp=False, dist_url="env://", timeout_minutes=DIST_TIMEOUT_MINUTES):
+    """Join the process group that torchrun, OpenMPI (--dist_on_itp) or SLURM's srun started, and return this
     process's device (on CUDA, its local GPU); a plain `python main_fractalgen.py` runs as one process.
-    NCCL on CUDA, gloo on CPU."""
+    NCCL on CUDA, gloo on CPU; a collective that waits longer than `timeout_minutes` for a rank fails."""
     env = os.environ
     if dist_on_itp:
         rank, world_size = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
@@ -80,21 +90,68 @@ def init_distributed_mode(device_name, dist_on_itp=False, dist_url="env://"):
     elif "RANK" in env and "WORLD_SIZE" in env:
         rank, world_size, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        local_rank = rank % max(torch.cuda.device_count(), 1)
+        rank, world_size, local_rank = slurm_ranks(env)
     else:
         return torch.device(device_name)
     use_cuda = device_name.startswith("cuda")
     device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device(device_name)
     if use_cuda:
         torch.cuda.set_device(device)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     # torchrun keeps one key-value store across the restarts of --max-restarts; keys of the attempt
     # that died (such as a dead worker's address) would be read as current, so each attempt gets its own
     store, _, _ = next(dist.rendezvous(dist_url, rank=rank, world_size=world_size))
     store = dist.PrefixStore(f"fractalgen/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=store, world_size=world_size, rank=rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=store, world_size=world_size, rank=rank,
+                            timeout=timeout)
+    global _rank0_group
+    _rank0_group = dist.new_group(backend="gloo", timeout=max(RANK0_WAIT, timeout))
     dist.barrier()
     return device
+
+
+def slurm_ranks(env):
+    """(rank, world size, local rank) of a process that `srun` started, with RANK, WORLD_SIZE and LOCAL_RANK
+    exported, and MASTER_ADDR (the job's first host) and MASTER_PORT (from the job id) unless already set."""
+    rank, world_size, local_rank = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    if "MASTER_ADDR" not in env:
+        host = first_slurm_host(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""))
+        if host is None:
+            raise UserError("cannot tell the first host of this SLURM job (no SLURM_JOB_NODELIST): set MASTER_ADDR "
+                            "and MASTER_PORT (e.g. export MASTER_ADDR=$(hostname) MASTER_PORT=29500 before srun)")
+        env["MASTER_ADDR"] = host
+    if "MASTER_PORT" not in env:
+        if not env.get("SLURM_JOB_ID", "").isdigit():
+            raise UserError("cannot derive a port from this SLURM job (no SLURM_JOB_ID): set MASTER_ADDR and "
+                            "MASTER_PORT (e.g. export MASTER_PORT=29500 before srun)")
+        env["MASTER_PORT"] = str(slurm_port(int(env["SLURM_JOB_ID"])))
+    env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+    return rank, world_size, local_rank
+
+
+def slurm_port(job_id):
+    """The job's port: the same on every node of a job, different for jobs that may share a node."""
+    return 15000 + job_id % 20000
+
+
+def first_slurm_host(nodelist):
+    """The first host of a SLURM node list: `scontrol show hostnames` where it exists, otherwise parsed
+    (forms like `node[01-04,07],gpu3`, `a-[1-2]-x`); None for an empty list."""
+    if not nodelist:
+        return None
+    if shutil.which("scontrol"):
+        try:
+            hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                   timeout=30, check=True).stdout.split()
+            if hosts:
+                return hosts[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    first = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?([^,]*)", nodelist)
+    prefix, ranges, suffix = first.groups()
+    if ranges is None:
+        return prefix or None
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
 
 
 def is_dist():
@@ -135,6 +192,63 @@ def all_reduce_max(tensor):
 def all_ranks_ok(ok, device):
     """True only if `ok` holds on every rank (so that all ranks stop together)."""
     return all_reduce_max(torch.tensor([0.0 if ok else 1.0], device=device)).item() == 0
+
+
+def share_from_rank0(value):
+    """Rank 0's `value` on every rank. The others wait for it on a group of their own with a long timeout
+    (RANK0_WAIT): call it after work that rank 0 does alone, so that their wait is not bounded by --dist_timeout."""
+    if not is_dist():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=_rank0_group)
+    return box[0]
+
+
+def stop_unless_all(error):
+    """Each rank passes its error message or None; if any rank has one, every rank raises a UserError with
+    the first one (so that no rank goes on alone into a collective that would wait for the others)."""
+    if not is_dist():
+        errors = [error]
+    else:
+        errors = [None] * get_world_size()
+        dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise UserError(first)
+
+
+def check_shared_folder(folder, what="--output_dir"):
+    """Every rank sees the `folder` that rank 0 sees, and can write in it; otherwise every rank stops with
+    one line naming the host and the folder (a node whose --output_dir is a disk of its own would write
+    its files where rank 0 never sees them)."""
+    path = None
+    if is_main_process():  # written before its name is shared, so that it exists when the others look
+        path = os.path.join(folder, f".fractalgen-shared-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}")
+        with open(path, "w") as f:
+            f.write("written by rank 0 to check that every rank sees this folder\n")
+    path = os.path.join(folder, os.path.basename(share_from_rank0(path)))
+    error = None
+    deadline = time.time() + 3  # a new name is looked up afresh even on NFS; a little grace for slower ones
+    while not os.path.exists(path) and time.time() < deadline:
+        time.sleep(0.2)
+    if not os.path.exists(path):
+        error = "it does not see a file that rank 0 has just written there"
+    else:
+        probe = os.path.join(folder, f".fractalgen-write-{socket.gethostname()}-{os.getpid()}")
+        try:
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            error = f"it cannot write there ({e.strerror or e})"
+    if error:
+        error = (f"{socket.gethostname()} (rank {get_rank()}) does not share {what} {folder} with rank 0: {error}; "
+                 "--output_dir must be on a disk every node shares")
+    try:
+        stop_unless_all(error)
+    finally:
+        if is_main_process():
+            os.remove(path)
 
 
 def autocast(device, precision):
@@ -236,24 +350,35 @@ def remove_stale_temporaries(folder, names):
 
 
 LOCK_NAME = ".fractalgen.lock"
-_held_locks = {}
+# Where flock does not work (Lustre or NFS mounted without it: ENOLCK, ENOSYS, EOPNOTSUPP), the lock is
+# this file's existence instead (made with O_EXCL, which NFS keeps atomic), holding host, pid and start time.
+LOCK_FILE_NAME = ".fractalgen.lockfile"
+_held_locks = {}  # folder -> the open flock file, or the path and text of the lock file we made
 atexit.register(lambda: [release_output_dir(folder) for folder in list(_held_locks)])
 
 
 def lock_output_dir(folder):
     """One run per output folder: an fcntl lock on a file in it, held until release_output_dir or the
     process's end (the OS drops it when the process dies, also by SIGKILL); calling it again in the same
-    process keeps it. Rank 0 takes it; every rank learns whether it succeeded. A second run gets a
-    UserError naming the folder and the holder's pid."""
-    error = None
-    if is_main_process():
-        error = _take_lock(folder)
-    if is_dist():
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
+    process keeps it. Where flock is not supported, a lock file (LOCK_FILE_NAME) instead. Rank 0 takes it;
+    every rank learns whether it succeeded. A second run gets a UserError naming the folder and the holder."""
+    error = share_from_rank0(_take_lock(folder) if is_main_process() else None)
     if error:
         raise UserError(error)
+
+
+def _open_nofollow(path, flags):
+    """os.open that refuses a symbolic link (a lock must never write through one to another file)."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+
+
+def _symlink_error(path):
+    return f"{path} is a symbolic link; remove it (the lock is a plain file there) and run the same command again"
+
+
+def _held_message(holder, folder):
+    return (f"another run (pid {holder}) is using --output_dir {folder}; wait for it to end, stop it, or "
+            "choose another --output_dir")
 
 
 def _take_lock(folder):
@@ -264,30 +389,140 @@ def _take_lock(folder):
     path = os.path.join(folder, LOCK_NAME)
     held = _held_locks.get(os.path.abspath(folder))
     if held is not None:  # main() called again in this process: keep the lock if its file is still there
-        if os.path.exists(path) and os.path.samestat(os.fstat(held.fileno()), os.stat(path)):
+        if _still_held(held, path):
             return None
         release_output_dir(folder)
-    f = open(path, "a+")
+    try:
+        fd = _open_nofollow(path, os.O_RDWR | os.O_CREAT)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return _symlink_error(path)
+        raise
+    f = os.fdopen(fd, "r+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # held by another process
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            return _held_message(holder, folder)
+        f.close()  # ENOLCK, ENOSYS, EOPNOTSUPP, ...: this file system does not lock; never a false refusal
+        return _take_lock_file(folder)
+    try:
         f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        return (f"another run (pid {holder}) is using --output_dir {folder}; wait for it to end, stop it, or "
-                "choose another --output_dir")
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
+        f.truncate()
+        f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+    except OSError as e:
+        os.remove(path)  # ours while we hold it: no empty lock file stays behind
+        with contextlib.suppress(OSError):  # closing flushes the line that did not fit again
+            f.close()
+        if disk_full(e):
+            return f"disk full in --output_dir {folder}: free space there and run the same command again"
+        raise
     _held_locks[os.path.abspath(folder)] = f
     return None
 
 
+def _still_held(held, path):
+    if isinstance(held, tuple):  # our lock file: still there with our text
+        return _read_lock_file(held[0]) == held[1]
+    return os.path.exists(path) and os.path.samestat(os.fstat(held.fileno()), os.stat(path))
+
+
+def _process_start(pid):
+    """When process `pid` started, in clock ticks since boot (None where /proc does not say): tells a live
+    holder from a new process that got a dead holder's pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid, start):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+def _read_lock_file(path):
+    try:
+        fd = _open_nofollow(path, os.O_RDONLY)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+    with os.fdopen(fd) as f:
+        return f.read()
+
+
+def _take_lock_file(folder, attempts=3):
+    """The lock as a file made with O_EXCL. One of a dead process on this host (or one left empty by a
+    writer killed at once) is taken over with a line saying so; one of another host is respected."""
+    path, host = os.path.join(folder, LOCK_FILE_NAME), socket.gethostname()
+    for _ in range(attempts):
+        text = json.dumps({"host": host, "pid": os.getpid(), "process_start": _process_start(os.getpid()),
+                           "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+        try:
+            fd = _open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return _symlink_error(path)
+            raise
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            _held_locks[os.path.abspath(folder)] = (path, text)
+            return None
+        try:
+            old = _read_lock_file(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return _symlink_error(path)
+            raise
+        if old is None:  # released meanwhile
+            continue
+        try:
+            holder = json.loads(old)
+            stale = holder["host"] == host and (holder["pid"] == os.getpid() or
+                                                not _alive(holder["pid"], holder.get("process_start")))
+            who = f"{holder['pid']} on {holder['host']}, since {holder.get('since', '?')}"
+        except (ValueError, KeyError, TypeError):  # empty or cut short: its writer died at once, or is writing now
+            stale = time.time() - os.stat(path, follow_symlinks=False).st_mtime > 60
+            who = "unknown"
+        if not stale:
+            return _held_message(who, folder) + f" (if that run is gone, remove {path})"
+        try:  # renamed away first: of two processes taking it over, one wins the O_EXCL create
+            os.rename(path, f"{path}.stale.{os.getpid()}")
+        except FileNotFoundError:
+            continue
+        os.remove(f"{path}.stale.{os.getpid()}")
+        print(f"Took over the lock {path} of pid {who}: that process is gone", flush=True)
+    return _held_message("unknown", folder) + f" (the lock file {path} keeps changing)"
+
+
 def release_output_dir(folder):
-    f = _held_locks.pop(os.path.abspath(folder), None)
-    if f is not None:
-        f.close()  # closing the file drops the lock
+    held = _held_locks.pop(os.path.abspath(folder), None)
+    if isinstance(held, tuple):  # our lock file: removed if it is still ours
+        path, text = held
+        try:
+            if _read_lock_file(path) == text:
+                os.remove(path)
+        except OSError:
+            pass
+    elif held is not None:
+        held.close()  # closing the file drops the lock
 
 
 def update_results(output_dir, **results):

@@ -96,7 +96,8 @@ def generate(model, args, device, sampling, gen_bsz, weights="raw"):
     compile_sampling(model, args.compile_sampling)
     folder = folder_of(args, weights)
     prepare(folder, model, args.model)
-    misc.barrier()
+    misc.share_from_rank0(None)  # rank 0 may remove thousands of files: waited for without --dist_timeout
+    misc.check_shared_folder(folder, "the generation folder")  # every rank writes its images there
     labels = labels_of(args.num_images, args.class_num)
     valid = {}  # image index -> whether a good PNG is there, checked once
     auto = gen_bsz == "auto"
@@ -133,7 +134,7 @@ def generate(model, args, device, sampling, gen_bsz, weights="raw"):
         if auto:
             bsz, todo, made = choose_gen_bsz(bsz, todo, make, write, folder, args, valid, device)
         for first, missing in todo:
-            if stop.requested():  # per rank: ranks may have different numbers of batches left
+            if stop.requested():  # per rank: a signal may reach the ranks at different batches
                 raise stop.Stopped(stop.requested(), f"stopped by {stop.name(stop.requested())}: the images "
                                    f"written so far are kept in {folder}; run the same command to continue")
             write(first, missing, make(first, bsz))
@@ -148,10 +149,14 @@ def generate(model, args, device, sampling, gen_bsz, weights="raw"):
 
 
 def pending_batches(folder, num_images, img_size, bsz, valid):
-    """This rank's batches of `bsz` images (every world_size-th) that miss a valid PNG, as
-    (first index, set of missing indices), and how many of its images are there already."""
-    todo, kept = [], 0
-    for first in list(range(0, num_images, bsz))[misc.get_rank()::misc.get_world_size()]:
+    """This rank's batches of `bsz` images to make, as (first index, set of missing indices), and how many
+    of the images it checked are there already. Each rank checks every world_size-th batch; the batches
+    that miss a valid PNG are then dealt out over the ranks in turn, and a rank dealt one fewer makes the
+    first batch once more and writes none of it (padding, as the release pads its last batch), so that
+    every rank makes the same number of batches and none waits for a batch at the end."""
+    rank, world = misc.get_rank(), misc.get_world_size()
+    mine, kept = [], 0
+    for first in list(range(0, num_images, bsz))[rank::world]:
         indices = range(first, min(first + bsz, num_images))
         for i in indices:
             if i not in valid:
@@ -159,8 +164,14 @@ def pending_batches(folder, num_images, img_size, bsz, valid):
         missing = {i for i in indices if not valid[i]}
         kept += len(indices) - len(missing)
         if missing:
-            todo.append((first, missing))
-    return todo, kept
+            mine.append((first, missing))
+    if world == 1:
+        return mine, kept
+    shares = [None] * world
+    torch.distributed.all_gather_object(shares, mine)
+    pending = sorted(batch for share in shares for batch in share)
+    todo = pending[rank::world]
+    return todo + [(0, set())] * (-(-len(pending) // world) - len(todo)), kept
 
 
 def first_auto_gen_bsz(num_images, device):
