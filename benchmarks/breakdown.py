@@ -4,7 +4,7 @@ sampling and of a training step under torch.profiler.
     python benchmarks/breakdown.py --model fractalmar_small_in32 --threads 2 --json benchmarks/results/breakdown_cpu.json
     python benchmarks/breakdown.py --model fractalmar_in64 --device cuda --amp fp16 --tasks train --train_batch 64
 
-The workload flags are bench.py's (benchmarks/workload.py). Each level's `sample` is wrapped (numerics
+The workload flags are bench.py's (benchmarks/workload.py); --tasks is sample, train or both. Each level's `sample` is wrapped (numerics
 unchanged) to time it less the levels inside it; on CUDA the clock synchronizes, which only the
 breakdown pays. On CUDA the training profile is sorted by device time and counts host syncs.
 """
@@ -123,6 +123,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, metavar="PATH", help="also write the breakdown here (measure.write_results)")
     args = p.parse_args(argv)
     tasks = args.tasks.split(",")
+    if not set(tasks) <= {"sample", "train"}:
+        p.error(f"--tasks takes sample, train or both, not {args.tasks}")
     with tempfile.TemporaryDirectory() as tmp:
         w = workload.Workload(REPO, workload.make_spec(args, tmp))
         result = {"config": vars(args)}
