@@ -1,6 +1,6 @@
 """Where materialized attention beats SDPA on the CPU: the crossover behind CPU_EXPLICIT_MAX_KEYS.
 
-    python benchmarks/attention.py --threads 2 --json benchmarks/results/attention_cpu.json
+    python benchmarks/attention.py --threads 2 --repeats 31 --json benchmarks/results/attention_cpu.json
 
 For the sequence lengths of every level (the pixel head's 3 tokens, 17-21 for the inner levels, 69 for
 fractalmar_small_in32's outer level, 257-261 for the released outer levels), times
