@@ -1,6 +1,6 @@
 """Where materialized attention beats SDPA on the CPU: the crossover behind CPU_EXPLICIT_MAX_KEYS.
 
-    python benchmarks/attention.py --threads 2
+    python benchmarks/attention.py --threads 2 --repeats 31 --json benchmarks/results/attention_cpu.json
 
 For the sequence lengths of every level (the pixel head's 3 tokens, 17-21 for the inner levels, 69 for
 fractalmar_small_in32's outer level, 257-261 for the released outer levels), times
@@ -10,14 +10,13 @@ with the training dropout. Medians over interleaved repeats; ratio above 1: expl
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.measure import interleaved, write_results  # noqa: E402
 from models.layers import CPU_EXPLICIT_MAX_KEYS, explicit_attention  # noqa: E402
 
 # (label, sequences, heads, queries, keys, head dim, causal); one query: a KV-cached sampling step
@@ -38,17 +37,9 @@ def qkv_views(n, heads, queries, keys, dim, requires_grad=False):
     return qkv, (q[:, :, keys - queries:], k, v)
 
 
-def measure(fns, repeats):
+def medians(fns, repeats):
     """Median seconds of each fn, called in turns so that machine noise hits all of them alike."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: t["median"] for name, t in interleaved(fns, torch.device("cpu"), repeats).items()}
 
 
 def inference(n, heads, queries, keys, dim, causal):
@@ -76,6 +67,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows here (measure.write_results)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -83,19 +75,26 @@ def main():
           f"models.layers uses explicit attention on the CPU up to {CPU_EXPLICIT_MAX_KEYS} keys")
     print(f"{'shape':36s} {'b×h×q×k×d':>18s}  {'inference ms (sdpa / explicit)':>32s}  "
           f"{'train (MAR: dropout 0.1)':>26s}  max |diff|")
+    rows = []
     for label, n, heads, queries, keys, dim, causal in SHAPES:
         fns, diff = inference(n, heads, queries, keys, dim, causal)
-        inf = measure(fns, args.repeats)
+        inf = medians(fns, args.repeats)
+        rows.append({"shape": label, "b_h_q_k_d": [n, heads, queries, keys, dim], "causal": causal,
+                     "inference_s": inf, "max_abs_diff": diff})
         shape = f"{n}×{heads}×{queries}×{keys}×{dim}"
         line = (f"{label:36s} {shape:>18s}  {inf['sdpa'] * 1e3:8.2f} / {inf['explicit'] * 1e3:7.2f} "
                 f"= {inf['sdpa'] / inf['explicit']:4.2f}x")
         if queries == keys:  # training: attention dropout 0.1 in the MAR levels, none in the head and AR
-            tr = measure(training(n, heads, keys, dim, causal, 0.0 if causal else 0.1), max(3, args.repeats // 3))
+            tr = medians(training(n, heads, keys, dim, causal, 0.0 if causal else 0.1), max(3, args.repeats // 3))
+            rows[-1]["training_s"] = tr
             line += (f"  {tr['sdpa'] * 1e3:7.1f} / {tr['explicit'] * 1e3:6.1f} "
                      f"= {tr['sdpa'] / tr['explicit']:4.2f}x")
         else:
             line += " " * 28
         print(f"{line}  {diff:.1e}")
+    if args.json:
+        write_results(args.json, {"threads": args.threads, "repeats": args.repeats,
+                                  "cpu_explicit_max_keys": CPU_EXPLICIT_MAX_KEYS, "rows": rows}, "cpu")
 
 
 if __name__ == "__main__":

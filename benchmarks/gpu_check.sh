@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one device call per part list, each at most 8 minutes.
+# The prepared GPU check: one device call per part list, each at most 8.5 minutes.
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR                               # on the GPU machine: tests, train
 #   PARTS="sample" bash benchmarks/gpu_check.sh OUT_DIR                # the sampling part (about 3 minutes)
 #   DEVICE=cpu QUICK=1 bash benchmarks/gpu_check.sh /tmp/gpu_check      # the script itself, on a CPU, tiny models
 #
-# Parts (PARTS, space-separated; default "tests train", about 7.7 minutes of step limits):
+# Parts (PARTS, space-separated; default "tests train", about 8.4 minutes of step limits):
 #   tests   the CUDA tests (tests/test_cuda.py);
 #   train   (1) side by side against the release: fractalmar_in64 at batch 64 and fractalmar_large_in256
 #           --guiding_pixel at batch 32, fp16 autocast with a GradScaler as the release trains, gradient
@@ -90,11 +90,11 @@ if has train; then
             --tasks train_ckpt --train_batch 32 --loss_seeds 4 --compare "$release"
         bench train_compiled_fractalmar_in64 110 fp16 --model fractalmar_in64 --tasks train_ckpt \
             --train_batch 64 --loss_seeds 4 --compile
-        table 22 --model fractalmar_in64 --batch 64
-        table 22 --model fractalar_in64 --batch 64
-        table 22 --model fractalmar_base_in256 --guiding_pixel --batch 32
-        table 28 --model fractalmar_large_in256 --guiding_pixel --batch 32
-        table 40 --model fractalmar_huge_in256 --guiding_pixel --batch 32
+        table 26 --model fractalmar_in64 --batch 64
+        table 26 --model fractalar_in64 --batch 64
+        table 26 --model fractalmar_base_in256 --guiding_pixel --batch 32
+        table 32 --model fractalmar_large_in256 --guiding_pixel --batch 32
+        table 46 --model fractalmar_huge_in256 --guiding_pixel --batch 32
     fi
 fi
 

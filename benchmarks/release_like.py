@@ -11,8 +11,8 @@ never used, and causal attention keeps it out of the others, so a 3-token sequen
 loss with a quarter less head work.
 
 `use_release_head(model)` puts both into every pixel head of a FractalGen model, so that a checkout
-which otherwise computes what the release computes (the first faithful commit, d3433e0: full MAR
-outputs, AR with a KV cache) does the release's head work. bench.py's `--release_like PATH` uses it.
+which otherwise computes what the release computes (every MAR output at every step, the AR level
+with a KV cache) does the release's head work. bench.py's `--release_like PATH` uses it.
 """
 import types
 

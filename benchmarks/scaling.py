@@ -1,6 +1,7 @@
 """How sampling work grows with image size and number of levels: FLOPs per image and per level.
 
     python benchmarks/scaling.py                      # every model in models.fractalgen.MODELS
+    python benchmarks/scaling.py --json benchmarks/results/sampling_flops.json   # the README's table
     python benchmarks/scaling.py --models fractalmar_tiny_in16,fractalmar_small_in32 --time --threads 2
 
 FLOPs are counted on the meta device (no memory, no arithmetic: the count depends only on shapes,
@@ -15,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench import FlopCounter, timed  # noqa: E402
+from benchmarks.measure import FlopCounter, timed, write_results  # noqa: E402
 from models.mar import CONDITIONS  # noqa: E402
 from models.fractalgen import MODELS, RELEASED, build_model  # noqa: E402
 from util.flags import int_list  # noqa: E402
@@ -90,15 +91,20 @@ def main(argv=None):
     p.add_argument("--time", action="store_true", help="also sample for real and time it")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows here (measure.write_results)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"sampling with cfg {args.cfg} (linear), temperature 1.0; FLOPs per image, self FLOPs per level")
+    rows = []
     for name in args.models.split(","):
         config = MODELS[name].config
         params, levels = level_flops(name, args.cfg)
         total = sum(flops for _, flops in levels)
         pixels = config["img_size_list"][0] ** 2
+        row = {"model": name, "img_size": config["img_size_list"][0], "levels": len(config["img_size_list"]),
+               "params": params, "num_iter_list": num_iter(name), "flops_per_image": total,
+               "level_flops": dict(levels)}
         line = (f"{name:<24} {config['img_size_list'][0]:>3}x{config['img_size_list'][0]:<3} "
                 f"{len(config['img_size_list']):>1} levels  {params / 1e6:8.2f}M params  "
                 f"num_iter {','.join(map(str, num_iter(name))):<9} {total / 1e9:10.1f} GFLOP/image  "
@@ -110,8 +116,12 @@ def main(argv=None):
             sample(model, args.batch, num_iter(name), args.cfg)  # warm-up
             seconds = timed(lambda: sample(model, args.batch, num_iter(name), args.cfg), device)
             line += f"  {seconds / args.batch:8.3f} s/image ({total * args.batch / seconds / 1e9:.1f} GFLOP/s)"
+            row["seconds_per_image"] = seconds / args.batch
+        rows.append(row)
         print(line)
         print("    " + "; ".join(f"{label}: {flops / total:.1%}" for label, flops in levels))
+    if args.json:
+        write_results(args.json, {"cfg": args.cfg, "batch": args.batch, "rows": rows}, args.device)
     return 0
 
 

@@ -5,61 +5,37 @@ with and without gradient checkpointing: the released-batch table of benchmarks/
     python benchmarks/train_table.py --model fractalmar_large_in256 --guiding_pixel --batch 32 --out table.md
 
 One process builds the model once (random weights) and runs every setting; a step is forward,
-backward and AdamW step, with a GradScaler in fp16 as the release trains. Each row is appended to
+backward and AdamW step, with a GradScaler in fp16 as the release trains: the median of --steps steps
+after --warmup ones, and the peak memory of one step more. Each row is appended to
 --out as soon as it is measured; a setting that runs out of memory gets a row saying so.
 """
 import argparse
+import itertools
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import measure  # noqa: E402
+from benchmarks.workload import random_batch, set_grad_checkpointing, train_step  # noqa: E402
 from models.fractalgen import build_model, compile_blocks  # noqa: E402
-from models.layers import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-
-AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def step(model, optimizer, scaler, images, labels, amp, device):
-    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        loss = model(images, labels)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def measure(model, optimizer, images, labels, amp_name, ckpt, args, device):
-    """Median seconds per step over args.steps seeded steps after args.warmup ones, and the peak
-    allocated bytes (CUDA) over the timed steps."""
-    amp = AMP_DTYPES[amp_name]
+def measure_setting(model, optimizer, images, labels, amp_name, ckpt, args, device):
+    """Median seconds per step over args.steps steps after args.warmup ones, and the peak memory of one
+    more step (measure.peak_memory); step i is seeded with i, so every setting draws the same masks."""
+    amp = measure.AMP_DTYPES[amp_name]
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    for module in model.modules():
-        if hasattr(module, "grad_checkpointing"):
-            module.grad_checkpointing = ckpt
-    for i in range(args.warmup):
-        torch.manual_seed(i)
-        step(model, optimizer, scaler, images, labels, amp, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(args.steps):
-        torch.manual_seed(i)  # the same masks in every setting
-        sync(device)
-        start = time.perf_counter()
-        step(model, optimizer, scaler, images, labels, amp, device)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return statistics.median(times), peak
+    set_grad_checkpointing(model, ckpt)
+    seeds = itertools.count()
+
+    def step():
+        torch.manual_seed(next(seeds))
+        train_step(model, optimizer, scaler, images, labels, amp)
+    seconds = measure.interleaved({"step": step}, device, args.steps, warmup=args.warmup)["step"]["median"]
+    peak, _ = measure.peak_memory(step, device, track=(model, optimizer))
+    return seconds, peak
 
 
 def main():
@@ -83,19 +59,15 @@ def main():
     if args.compile:
         compile_blocks(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95))
-    size = model.img_size
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-    images = (torch.randint(0, 256, (args.batch, 3, size, size)) / 255.0 - mean) / std
-    images, labels = images.to(device), torch.randint(0, 1000, (args.batch,)).to(device)
+    images, labels = (x.to(device) for x in random_batch(args.batch, model.img_size, 1000))
     params = sum(p.numel() for p in model.parameters()) / 1e6
     for amp_name in args.amps.split(","):
         for ckpt in (bool(int(c)) for c in args.ckpt.split(",")):
             label = (f"| {args.model}{' --guiding_pixel' if args.guiding_pixel else ''} ({params:.0f}M) | {args.batch} | "
                      f"{amp_name} | {'yes' if ckpt else 'no'} | {'yes' if args.compile else 'no'} |")
             try:
-                seconds, peak = measure(model, optimizer, images, labels, amp_name, ckpt, args, device)
-                row = f"{label} {seconds:.3f} | {args.batch / seconds:.1f} | " + \
-                      (f"{peak / 2 ** 30:.1f} |" if peak is not None else "n/a |")
+                seconds, peak = measure_setting(model, optimizer, images, labels, amp_name, ckpt, args, device)
+                row = f"{label} {seconds:.3f} | {args.batch / seconds:.1f} | {peak / 2 ** 30:.2f} |"
             except torch.OutOfMemoryError:
                 optimizer.zero_grad(set_to_none=True)
                 row = f"{label} out of memory | | |"

@@ -1,11 +1,15 @@
-"""benchmarks/bench.py runs end to end on a tiny model: workers, interleaved timing, FLOPs, memory,
-the comparison with another checkout (here this one, so the samples must be identical) and the report."""
+"""The benchmark tools on a tiny model: bench.py end to end (workers, interleaved timing, FLOPs, memory,
+the comparison with another checkout, here this one, so the samples must be identical, the report and
+the stamped results file), the FLOP counts of scaling.py, breakdown.py, the release stand-ins."""
+import ast
+import glob
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,10 +21,16 @@ def test_bench_smoke(tmp_path):
            "--nll_batch", "2", "--compare", REPO, "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for text in ("matmul peak", "img/s", "GFLOP/s", "util", "speedup", "peak MiB", "load average",
+    for text in ("matmul peak", "img/s", "GFLOP/s", "util", "speedup", "peak MiB",
                  "same samples for the same seed and weights: True"):
         assert text in proc.stdout, text
     result = json.loads(out.read_text())
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    stamp = result["provenance"]
+    assert stamp["commit"] == head.stdout.strip() and isinstance(stamp["dirty"], bool)
+    assert stamp["torch"] == torch.__version__ and stamp["device"] and stamp["machine"] and stamp["date"]
+    assert result["impls"]["ours"].split("+")[0] == stamp["commit"]  # commits, not paths
+    assert REPO not in out.read_text()
     assert set(result["times"]) == {"ours", "other"}
     for impl in ("ours", "other"):
         assert set(result["times"][impl]) == {"sample", "train", "train_ckpt", "nll"}
@@ -34,12 +44,39 @@ def test_bench_smoke(tmp_path):
     assert result["same_samples"]["identical"]
 
 
+def test_breakdown_levels_add_up_to_at_most_a_sampling_call(tmp_path):
+    """benchmarks/breakdown.py: every level is timed, self times (the levels inside taken out) sum to at
+    most the whole call, and the results file is written."""
+    from benchmarks import breakdown
+    out = tmp_path / "breakdown.json"
+    assert breakdown.main(["--model", "fractalmar_tiny_in16", "--threads", "1", "--batch", "2", "--num_iter_list",
+                           "2,2", "--json", str(out)]) == 0
+    sample = json.loads(out.read_text())["sample"]
+    assert [row["calls"] for row in sample["levels"]] == [1, 2, 4]  # 2 steps, 2 steps, then 2 x 2 heads
+    assert 0 < sum(row["seconds"] for row in sample["levels"]) <= sample["total_s"]
+
+
+def test_benchmark_modules_import_no_circle():
+    """Each benchmarks/ module imports only the ones below it (measure at the bottom)."""
+    imports = {}
+    for path in glob.glob(os.path.join(REPO, "benchmarks", "*.py")):
+        name = os.path.basename(path)[:-3]
+        tree = ast.parse(open(path).read())
+        imports[name] = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                         and node.module == "benchmarks" for alias in node.names}
+        imports[name] |= {node.module.split(".")[1] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                          and (node.module or "").startswith("benchmarks.")}
+
+    def reaches(start, target, seen=()):
+        return any(n == target or (n not in seen and reaches(n, target, seen + (n,))) for n in imports.get(start, ()))
+    assert imports["bench"] >= {"measure", "workload"} and not imports["measure"]
+    assert not [name for name in imports if reaches(name, name)]
+
 
 def test_scaling_level_counts_add_up_to_a_whole_sample():
     """benchmarks/scaling.py counts each level once with a stub below it; the sum must equal the FLOPs of
     sampling whole images."""
-    import torch
-    from benchmarks.bench import FlopCounter
+    from benchmarks.measure import FlopCounter
     from benchmarks.scaling import level_flops, model_kwargs, sample
     from models.fractalgen import build_model
     name = "fractalmar_tiny_in16"
@@ -55,8 +92,7 @@ def test_release_like_head_draws_the_same_pixels_with_more_work():
     """benchmarks/release_like.py: the release's schedule (the whole head sequence again per channel) must
     draw what our cached head draws for the same seed, and cost more FLOPs, or the comparison is void."""
     import copy
-    import torch
-    from benchmarks.bench import count_flops
+    from benchmarks.measure import count_flops
     from benchmarks.release_like import use_release_head
     from models.fractalgen import build_model
     ours = build_model("fractalmar_tiny_in16", class_num=10, num_conds=5).eval()
@@ -77,8 +113,7 @@ def test_release_like_head_gives_the_same_loss_with_more_work():
     """The release's 4-token teacher-forced head sequence (benchmarks/release_like.py) must give our
     3-token loss, in training and for the NLL, and cost more FLOPs."""
     import copy
-    import torch
-    from benchmarks.bench import count_flops
+    from benchmarks.measure import count_flops
     from benchmarks.release_like import use_release_head
     from models.fractalgen import build_model
     torch.manual_seed(0)
@@ -123,7 +158,6 @@ def test_gpu_check_script_runs_on_tiny_models(tmp_path):
 
 def test_fixed_mask_ratios_mask_the_same_count_in_every_call():
     """benchmarks/release.py: ours and the release's stand-ins mask ceil(seq_len · r) patches."""
-    import torch
     from benchmarks.release import FixedRatio, NumpyWithFixedCount, fix_mask_ratios
     from models.fractalgen import build_model
     model = build_model("fractalmar_tiny_in16", num_conds=5, class_num=10)
