@@ -240,9 +240,9 @@ def test_check_scoring_refuses_what_would_fail_after_the_last_image(offline, tmp
 
 
 def test_two_processes_share_the_scoring_and_score_as_one(offline):
-    """torchrun with 2 processes: each extracts the features of half the images, rank 0 combines them. The
-    same numbers, bit for bit, as one process whose Inception batches are the same halves; with other
-    batches the float32 rounding of Inception differs a little (relative 3e-7 on a 20-image FID here)."""
+    """torchrun with 2 processes: each extracts the features of half the images, rank 0 combines them: the
+    score of one process, up to the float32 rounding of Inception's convolutions, which differs from run to
+    run on the CPU (relative differences of 1e-7 to 8e-7 seen on this 20-image FID; the IS agreed)."""
     folder, stats, weights = offline["dirs"]["b"], offline["stats"]["a"], offline["weights"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "util.fid", "score", folder, stats, "--inception_weights", weights, "--device",
@@ -251,5 +251,6 @@ def test_two_processes_share_the_scoring_and_score_as_one(offline):
     assert proc.returncode == 0, proc.stderr[-3000:]
     shared = re.findall(r"FID: (\S+), Inception Score: (\S+)", proc.stdout)
     assert len(shared) == 1, proc.stdout  # rank 0 alone prints
-    halves = fid.compute_fid_is(folder, stats, CPU, inception_weights=weights, batch_size=10)
-    assert (float(shared[0][0]), float(shared[0][1])) == (halves["fid"], halves["inception_score"])
+    one = fid.compute_fid_is(folder, stats, CPU, inception_weights=weights)
+    assert float(shared[0][0]) == pytest.approx(one["fid"], rel=1e-5)
+    assert float(shared[0][1]) == pytest.approx(one["inception_score"], rel=1e-5)
