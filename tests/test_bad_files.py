@@ -268,3 +268,26 @@ def test_a_disk_full_before_the_run_starts_is_one_line_and_leaves_no_lock_file(d
         with pytest.raises(misc.UserError, match=f"disk full in --output_dir {out}: free space there") as e:
             main_fractalgen.main(main_fractalgen.parse_args(train_argv(data, out)))
         assert one_line(e) and os.listdir(out) == ["filler"]
+
+
+@pytest.mark.parametrize("flag", [["--per_class", "0"], ["--per_class", "-2"], ["--temperature", "0"], ["--cfg", "nan"],
+                                  ["--filter_threshold", "2"], ["--filter_threshold", "nan"], ["--cfg", "-1"]],
+                         ids=lambda f: " ".join(f))
+def test_the_helpers_answer_a_bad_value_as_main_does(trained, tmp_path, flag, capsys):
+    """The same value gets the same one-line answer from util.sample, util.edit and (where it has the flag)
+    main_fractalgen.py: one home for each flag's range."""
+    from util import edit, sample
+    ckpt = checkpoint.path_in(trained)
+    answers = []
+    for command, argv in ((sample.main, ["--checkpoint", ckpt]),
+                          (edit.cli, ["--checkpoint", ckpt, "--image", "x.png", "--class", "0"])):
+        if flag[0] == "--per_class" and command is edit.cli:
+            continue
+        assert command(argv + ["--output", str(tmp_path / "out.png")] + flag) == 2
+        answers.append(capsys.readouterr().err)
+    if flag[0] != "--per_class":
+        with pytest.raises(misc.UserError) as e:
+            main_fractalgen.parse_args(flag)
+        answers.append(f"error: {e.value}\n")
+    assert len(set(answers)) == 1 and answers[0].count("\n") == 1 and f"{flag[0]} must be" in answers[0], answers
+    assert not os.path.exists(tmp_path / "out.png")
