@@ -11,6 +11,7 @@ optimizer state that are not finite are never saved.
 """
 import argparse
 import os
+import socket
 
 import torch
 
@@ -227,6 +228,69 @@ def to_resume(args, training):
     if path is not None and misc.is_main_process():
         print(f"No {NAME} in --resume {args.resume} yet: starting a fresh run, which saves there", flush=True)
     return None, None
+
+
+def resume_on_every_rank(args, training):
+    """to_resume on every rank, which must all see the same checkpoint files as rank 0 (or their
+    absence): otherwise every rank stops with one line naming a rank that differs, instead of one rank
+    resuming while another starts afresh and their collectives hang."""
+    try:
+        (path, ckpt), error = to_resume(args, training), None
+    except misc.UserError as e:
+        path, ckpt, error = None, None, str(e)
+    seen = _files_seen(args, ckpt)
+    rank0 = misc.share_from_rank0(seen)
+    differs = next((p for p, mine, theirs in zip((f for f, _ in seen), seen, rank0) if mine != theirs), None)
+    misc.stop_unless_all(differs and (
+        f"{socket.gethostname()} (rank {misc.get_rank()}) sees {_describe_seen(dict(seen)[differs])} at {differs}, "
+        f"rank 0 {_describe_seen(dict(rank0)[differs])}: --output_dir must be on a disk every node shares (and "
+        "--resume too)"))
+    if error:
+        raise misc.UserError(error)
+    return path, ckpt
+
+
+def _files_seen(args, ckpt):
+    """What this rank sees of the run's checkpoint files (--resume's, --output_dir's): for each path, its size
+    and modification time, and the epoch and step of the one resumed from; None where there is no file."""
+    paths = dict.fromkeys(path_in(f) for f in (args.resume, args.output_dir) if f)
+    seen = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            seen.append((p, {"bytes": st.st_size, "modified": st.st_mtime_ns}))
+        except OSError:
+            seen.append((p, None))
+    seen.append(("the checkpoint resumed from",
+                 ckpt and {"epoch": ckpt.get("epoch"), "resume_at": ckpt.get("resume_at")}))
+    return seen
+
+
+def _describe_seen(file):
+    if file is None:
+        return "no checkpoint"
+    if "bytes" in file:
+        return f"a checkpoint of {file['bytes']} bytes modified at {file['modified'] / 1e9:.3f}"
+    step = f", step {file['resume_at']['step']}" if file.get("resume_at") else ""
+    return f"epoch {file['epoch']}{step}"
+
+
+def what_changed(ckpt, args, world, lr_given):
+    """One line when a run resumes with another number of processes or batch size than it saved with
+    (an elastic restart on fewer nodes): the processes, the effective batch and the learning rate, which
+    follows --blr unless --lr is given; None when nothing changed (or the checkpoint does not say)."""
+    saved, saved_world = ckpt.get("args"), len(ckpt.get("rng") or [])
+    if saved is None or not saved_world or not hasattr(saved, "batch_size"):
+        return None
+    before, now = saved.batch_size * saved_world, args.batch_size * world
+    if (saved_world, before) == (world, now):
+        return None
+    old_lr = getattr(saved, "lr", None)
+    lr = (f"lr {args.lr:.4g} as given by --lr" if lr_given else
+          f"lr {args.lr:.4g} (--blr {args.blr:g} × {now} / 256)") + (f" instead of {old_lr:.4g}" if old_lr else "")
+    keep = f"; pass --lr {old_lr:.4g} to keep the old one" if old_lr and not lr_given and old_lr != args.lr else ""
+    return (f"The run continues with {world} process(es) instead of {saved_world}: effective batch {now} instead of "
+            f"{before}, {lr}{keep}")
 
 
 def same_folder(a, b):
