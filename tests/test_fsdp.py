@@ -1,0 +1,119 @@
+"""--fsdp (FSDP2) with 2 gloo processes on the CPU: the same numbers as DDP from the same weights,
+checkpoints in the one format that move between DDP and FSDP, and evaluation after training."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import util.checkpoint as checkpoint
+from helpers import MODEL_ARGS, run, write_image_folder
+
+# 24 training images, 4 per process and step: 3 steps per epoch; constant lr, so --epochs only says where to stop
+TRAIN = MODEL_ARGS + ["--batch_size", "4", "--lr", "1e-3", "--warmup_epochs", "0", "--lr_schedule", "constant",
+                      "--seed", "3", "--save_last_freq", "1"]
+# FSDP and DDP from the same weights (fp32) were measured bit for bit equal on 2 processes: losses, weights,
+# optimizer state and NLL. Each gradient is the sum of 2 ranks' (reduce-scatter of shards or all-reduce of
+# buckets, in either order the same float) halved, so the tests ask for equality; with more processes
+# the order of the sums may differ and only a tolerance would hold.
+
+
+def train(out, data, epochs, *extra, resume=False):
+    r = run(TRAIN + ["--data_path", data, "--output_dir", out, "--epochs", str(epochs), *extra]
+            + (["--resume", out] if resume else []), nproc=2, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return checkpoint.load(checkpoint.path_in(out))
+
+
+def resumed(source, out, data, epochs, *extra):
+    shutil.copytree(source, out)
+    return train(out, data, epochs, *extra, resume=True)
+
+
+def losses(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(folder, size_guidance={"scalars": 0}).Reload()
+    return [e.value for e in acc.Scalars("train_loss")]
+
+
+def largest_difference(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two epochs (6 steps) from the same seed under DDP and under --fsdp (with --grad_checkpointing), each
+    followed by its NLL and samples: {name: (folder, checkpoint)}."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    data = write_image_folder(str(tmp / "data"))
+    after = ["--final_nll", "--final_samples", "1", "--num_iter_list", "2,2"]
+    ddp, fsdp = str(tmp / "ddp"), str(tmp / "fsdp")
+    return {"data": data, "ddp": (ddp, train(ddp, data, 2, *after)),
+            "fsdp": (fsdp, train(fsdp, data, 2, "--fsdp", "--grad_checkpointing", *after))}
+
+
+def test_fsdp_trains_as_ddp(runs):
+    """The same losses at every step, the same weights and optimizer state after 6 steps, the same NLL."""
+    (ddp, ddp_ckpt), (fsdp, fsdp_ckpt) = runs["ddp"], runs["fsdp"]
+    ddp_losses, fsdp_losses = losses(ddp), losses(fsdp)
+    assert len(ddp_losses) == len(fsdp_losses) == 6
+    assert fsdp_losses == ddp_losses and ddp_losses[-1] < ddp_losses[0]
+    assert largest_difference(ddp_ckpt["model"], fsdp_ckpt["model"]) == 0
+    for i, state in ddp_ckpt["optimizer"]["state"].items():
+        assert all(torch.equal(v, fsdp_ckpt["optimizer"]["state"][i][k]) for k, v in state.items())
+    import util.misc as misc
+    bpd = [misc.read_json(os.path.join(f, "results.json"))["nll"]["bpd"] for f in (ddp, fsdp)]
+    assert bpd[0] == bpd[1]
+    assert os.path.isfile(os.path.join(fsdp, "samples.png"))
+
+
+def test_fsdp_checkpoint_is_the_one_format(runs):
+    """The release's keys, full tensors that load strict into build_model, the optimizer state keyed and
+    shaped as DDP's."""
+    from models.fractalgen import build_model
+    ddp_ckpt, fsdp_ckpt = runs["ddp"][1], runs["fsdp"][1]
+    assert {"model", "optimizer", "epoch", "scaler", "args"} <= fsdp_ckpt.keys()
+    assert fsdp_ckpt["epoch"] == ddp_ckpt["epoch"] == 1
+    model = build_model("fractalmar_tiny_in16", class_num=3, num_conds=5, guiding_pixel=True)
+    checkpoint.load_model_state(model, fsdp_ckpt["model"], "the FSDP checkpoint")  # strict
+    ours, theirs = fsdp_ckpt["optimizer"], ddp_ckpt["optimizer"]
+    assert ours["param_groups"] == theirs["param_groups"]
+    assert ours["state"].keys() == theirs["state"].keys()
+    for i, state in theirs["state"].items():
+        assert {k: tuple(v.shape) for k, v in ours["state"][i].items()} == {k: tuple(v.shape) for k, v in state.items()}
+        assert ours["state"][i]["step"] == state["step"]
+
+
+def test_checkpoints_move_between_ddp_and_fsdp(runs, tmp_path):
+    """DDP's checkpoint continues under --fsdp and FSDP's under DDP: both continue training (the step counts,
+    the weights), and both paths end at the same weights."""
+    data = runs["data"]
+    to_fsdp = resumed(runs["ddp"][0], str(tmp_path / "to_fsdp"), data, 3, "--fsdp")
+    to_ddp = resumed(runs["fsdp"][0], str(tmp_path / "to_ddp"), data, 3)
+    for ckpt in (to_fsdp, to_ddp):
+        assert ckpt["epoch"] == 2
+        assert all(s["step"] == 9 for s in ckpt["optimizer"]["state"].values())
+    assert largest_difference(runs["ddp"][1]["model"], to_fsdp["model"]) > 1e-3  # it trained on
+    assert largest_difference(to_fsdp["model"], to_ddp["model"]) == 0
+
+
+@pytest.mark.slow
+def test_fsdp_stop_and_resume_is_exact(runs, tmp_path):
+    """An --fsdp run stopped after its first epoch and resumed ends with the same weights, bit for bit, as
+    the uninterrupted one."""
+    data, out = runs["data"], str(tmp_path / "stopped")
+    train(out, data, 1, "--fsdp", "--grad_checkpointing")
+    ckpt = train(out, data, 2, "--fsdp", "--grad_checkpointing", resume=True)
+    uninterrupted = runs["fsdp"][1]
+    assert largest_difference(ckpt["model"], uninterrupted["model"]) == 0
+    for i, state in uninterrupted["optimizer"]["state"].items():
+        assert all(torch.equal(v, ckpt["optimizer"]["state"][i][k]) for k, v in state.items())
+
+
+def test_fsdp_with_ema_is_refused(tmp_path):
+    import main_fractalgen
+    import util.misc as misc
+    args = main_fractalgen.parse_args(MODEL_ARGS + ["--fsdp", "--ema_rate", "0.999", "--output_dir", str(tmp_path)])
+    with pytest.raises(misc.UserError, match="--fsdp does not keep an EMA"):
+        main_fractalgen.check_args(args)
