@@ -9,13 +9,16 @@ import torch
 import util.checkpoint as checkpoint
 from helpers import MODEL_ARGS, run, write_image_folder
 
-# 24 training images, 4 per process and step: 3 steps per epoch; constant lr, so --epochs only says where to stop
+# 24 training images, 4 per process and step: 3 steps per epoch; constant lr, so --epochs only says where to stop;
+# a gradient norm clipped at every step (it is above 1 here), so that clipping on shards is compared too
 TRAIN = MODEL_ARGS + ["--batch_size", "4", "--lr", "1e-3", "--warmup_epochs", "0", "--lr_schedule", "constant",
-                      "--seed", "3", "--save_last_freq", "1"]
-# FSDP and DDP from the same weights (fp32) were measured bit for bit equal on 2 processes: losses, weights,
-# optimizer state and NLL. Each gradient is the sum of 2 ranks' (reduce-scatter of shards or all-reduce of
-# buckets, in either order the same float) halved, so the tests ask for equality; with more processes
-# the order of the sums may differ and only a tolerance would hold.
+                      "--seed", "3", "--save_last_freq", "1", "--grad_clip", "0.2"]
+# FSDP against DDP from the same weights, fp32, 2 processes. Without clipping the two were measured bit for
+# bit equal (a gradient is the sum of 2 ranks' halved, the same float in either order). The clipped norm is
+# summed over shards under FSDP, over whole tensors under DDP: the first loss is still the same, then
+# rounding spreads; measured after 6 steps: losses within 9.5e-7 (one float32 step at 10), weights within
+# 2.3e-6, AdamW moments within 1.4e-9, the NLL equal. The tolerances leave a margin of about 4x.
+LOSS_TOLERANCE, WEIGHT_TOLERANCE, STATE_TOLERANCE = 4e-6, 1e-5, 1e-8
 
 
 def train(out, data, epochs, *extra, resume=False):
@@ -54,17 +57,19 @@ def runs(tmp_path_factory):
 
 
 def test_fsdp_trains_as_ddp(runs):
-    """The same losses at every step, the same weights and optimizer state after 6 steps, the same NLL."""
+    """The same first loss; the losses of 6 steps, the weights and optimizer state after them and the NLL
+    agree within the measured tolerances."""
     (ddp, ddp_ckpt), (fsdp, fsdp_ckpt) = runs["ddp"], runs["fsdp"]
     ddp_losses, fsdp_losses = losses(ddp), losses(fsdp)
     assert len(ddp_losses) == len(fsdp_losses) == 6
-    assert fsdp_losses == ddp_losses and ddp_losses[-1] < ddp_losses[0]
-    assert largest_difference(ddp_ckpt["model"], fsdp_ckpt["model"]) == 0
+    assert fsdp_losses[0] == ddp_losses[0] and ddp_losses[-1] < ddp_losses[0]
+    assert max(abs(a - b) for a, b in zip(ddp_losses, fsdp_losses)) < LOSS_TOLERANCE
+    assert largest_difference(ddp_ckpt["model"], fsdp_ckpt["model"]) < WEIGHT_TOLERANCE
     for i, state in ddp_ckpt["optimizer"]["state"].items():
-        assert all(torch.equal(v, fsdp_ckpt["optimizer"]["state"][i][k]) for k, v in state.items())
+        assert largest_difference(state, fsdp_ckpt["optimizer"]["state"][i]) < STATE_TOLERANCE
     import util.misc as misc
     bpd = [misc.read_json(os.path.join(f, "results.json"))["nll"]["bpd"] for f in (ddp, fsdp)]
-    assert bpd[0] == bpd[1]
+    assert abs(bpd[0] - bpd[1]) < LOSS_TOLERANCE
     assert os.path.isfile(os.path.join(fsdp, "samples.png"))
 
 
@@ -87,7 +92,7 @@ def test_fsdp_checkpoint_is_the_one_format(runs):
 
 def test_checkpoints_move_between_ddp_and_fsdp(runs, tmp_path):
     """DDP's checkpoint continues under --fsdp and FSDP's under DDP: both continue training (the step counts,
-    the weights), and both paths end at the same weights."""
+    the weights), and both paths end at weights that agree within the tolerance."""
     data = runs["data"]
     to_fsdp = resumed(runs["ddp"][0], str(tmp_path / "to_fsdp"), data, 3, "--fsdp")
     to_ddp = resumed(runs["fsdp"][0], str(tmp_path / "to_ddp"), data, 3)
@@ -95,10 +100,9 @@ def test_checkpoints_move_between_ddp_and_fsdp(runs, tmp_path):
         assert ckpt["epoch"] == 2
         assert all(s["step"] == 9 for s in ckpt["optimizer"]["state"].values())
     assert largest_difference(runs["ddp"][1]["model"], to_fsdp["model"]) > 1e-3  # it trained on
-    assert largest_difference(to_fsdp["model"], to_ddp["model"]) == 0
+    assert largest_difference(to_fsdp["model"], to_ddp["model"]) < WEIGHT_TOLERANCE
 
 
-@pytest.mark.slow
 def test_fsdp_stop_and_resume_is_exact(runs, tmp_path):
     """An --fsdp run stopped after its first epoch and resumed ends with the same weights, bit for bit, as
     the uninterrupted one."""
