@@ -51,10 +51,12 @@ def largest_difference(a, b):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two epochs (6 steps) from the same seed under DDP and under --fsdp (with --grad_checkpointing), each
-    followed by its NLL and samples: {name: (folder, checkpoint)}."""
+    generating 6 images after each epoch (--online_eval, no scoring) and followed by its NLL and samples:
+    {name: (folder, checkpoint)}."""
     tmp = tmp_path_factory.mktemp("fsdp")
     data = write_image_folder(str(tmp / "data"))
-    after = ["--final_nll", "--final_samples", "1", "--num_iter_list", "2,2"]
+    after = ["--final_nll", "--final_samples", "1", "--num_iter_list", "2,2", "--online_eval", "--eval_freq", "1",
+             "--fid_stats", "none", "--num_images", "6"]
     ddp, fsdp = str(tmp / "ddp"), str(tmp / "fsdp")
     return {"data": data, "ddp": (ddp, train(ddp, data, 2, *after)),
             "fsdp": (fsdp, train(fsdp, data, 2, "--fsdp", "--grad_checkpointing", *after))}
@@ -75,6 +77,8 @@ def test_fsdp_trains_as_ddp(runs):
     bpd = [misc.read_json(os.path.join(f, "results.json"))["nll"]["bpd"] for f in (ddp, fsdp)]
     assert abs(bpd[0] - bpd[1]) < LOSS_TOLERANCE
     assert os.path.isfile(os.path.join(fsdp, "samples.png"))
+    generated = misc.read_json(os.path.join(fsdp, "results.json"))["generation"]
+    assert generated["epoch"] == 1 and len([f for f in os.listdir(generated["images"]) if f.endswith(".png")]) == 6
 
 
 def test_fsdp_checkpoint_is_the_one_format(runs):
@@ -107,6 +111,7 @@ def test_checkpoints_move_between_ddp_and_fsdp(runs, tmp_path):
     assert largest_difference(to_fsdp["model"], to_ddp["model"]) < WEIGHT_TOLERANCE
 
 
+@pytest.mark.slow
 def test_fsdp_stop_and_resume_is_exact(runs, tmp_path):
     """An --fsdp run stopped after its first epoch and resumed ends with the same weights, bit for bit, as
     the uninterrupted one."""
