@@ -2,22 +2,23 @@
 conversions that keep checkpoint-last.pth in the one format (full state dicts, optimizer state keyed by
 parameter index as torch.optim saves it), so that a run can move between DDP and FSDP.
 """
+import sys
+
 import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, init_device_mesh
 
 PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# torch.distributed.fsdp takes half a second to import: it is imported by shard(), and nothing is sharded before
 def is_sharded(model):
-    return isinstance(model, FSDPModule)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def local(t):
     """This rank's shard of a sharded tensor; a plain tensor as it is."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    tensor = sys.modules.get("torch.distributed.tensor")
+    return t.to_local() if tensor is not None and isinstance(t, tensor.DTensor) else t
 
 
 def shard(model, precision, device, world):
@@ -26,6 +27,9 @@ def shard(model, precision, device, world):
     reduced in float32; autocast stays on for the layers outside the blocks, and the attention logits stay
     float32 (models.layers.attend). The root keeps its inputs as given: the images are the pixel targets.
     Every rank starts from rank 0's weights, as DDP does."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import init_device_mesh
+
     from models.ar import TransformerBlock
     from models.layers import Block
     with torch.no_grad():
@@ -55,6 +59,7 @@ def full_state(model, optimizer=None):
     """(model state dict, optimizer state dict or None) gathered in full to rank 0's CPU memory (empty on
     the other ranks), in the unsharded model's format: the same keys, optimizer state keyed by index.
     Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
     if optimizer is None:
@@ -70,12 +75,14 @@ def full_state(model, optimizer=None):
 
 def full_weights_everywhere(model):
     """The model's full state dict on every rank (for an unsharded copy to evaluate with)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
 
 def load_optimizer_state(model, optimizer, state):
     """Load an unsharded optimizer state dict (keyed by index, as checkpoint-last.pth holds it, from a DDP or an
     FSDP run) into the optimizer of the sharded `model`; every rank holds the full `state`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     names = parameter_names(model, optimizer)
     by_name = {"state": {names[i]: s for i, s in state["state"].items()},
                "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]}
