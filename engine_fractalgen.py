@@ -9,6 +9,7 @@ import util.misc as misc
 import util.png_folder as png_folder
 import util.stop as stop
 from util.flags import WEIGHT_NAMES
+from util.fsdp import local
 from util.misc import autocast
 
 
@@ -65,8 +66,9 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, de
 def step_boundary(model_without_ddp, device):
     """(all weights finite on every rank, stop signal received by any rank or 0): one all-reduce per step,
     so that all ranks stop at the same step, and a finite loss whose update overflowed is never saved.
-    The 2-norm (one fused kernel) is not finite when a weight is not, or is beyond 1e19: diverged too."""
-    weights = torch.nn.utils.get_total_norm(list(model_without_ddp.parameters()))
+    The 2-norm (one fused kernel) is not finite when a weight is not, or is beyond 1e19: diverged too.
+    Under FSDP each rank checks its own shards, and the all-reduce combines them."""
+    weights = torch.nn.utils.get_total_norm([local(p) for p in model_without_ddp.parameters()])
     flags = torch.stack([(~torch.isfinite(weights)).float(), torch.tensor(float(stop.requested()), device=device)])
     bad, signum = misc.all_reduce_max(flags).tolist()
     return bad == 0, int(signum)

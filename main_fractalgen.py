@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import util.checkpoint as checkpoint  # noqa: E402
+import util.fsdp as fsdp  # noqa: E402
 import util.misc as misc  # noqa: E402
 import util.stop as stop  # noqa: E402
 from engine_fractalgen import evaluate_gen, evaluate_nll, train_one_epoch  # noqa: E402
@@ -91,6 +92,13 @@ def get_args_parser():
     add_weights_flag(p, both=True)
     p.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, more time")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard the weights, gradients and optimizer state over the processes (FSDP2: "
+                        "each transformer block and the root) instead of a full copy on each (DDP): for a model "
+                        "whose training state does not fit on one GPU; slower than DDP where that fits. Checkpoints "
+                        "keep the one format (a run can switch between the two). Evaluations use a full copy on "
+                        "each process, so --evaluate_nll/--evaluate_gen run as without it. One process: nothing "
+                        "to shard. Not with --ema_rate yet")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block for training (sampling and the NLL stay eager); "
                         "compiling takes a minute or more at the start")
@@ -199,6 +207,9 @@ def check_args(args):
                              "too (e.g. 0.9999)")
     if args.save_npz and not (args.evaluate_gen or args.online_eval):
         raise misc.UserError("--save_npz writes the images of --evaluate_gen (or --online_eval): add one of them")
+    if args.fsdp and args.ema_rate and training:
+        raise misc.UserError("--fsdp does not keep an EMA yet: pass --ema_rate 0 with --fsdp, or train with DDP "
+                             "(without --fsdp) to keep one")
     for flag in ("output_dir", "log_dir"):
         check_writable_folder(flag, getattr(args, flag))
     if args.fid_inception_weights and not os.path.isfile(args.fid_inception_weights):
@@ -306,6 +317,8 @@ def main(args):
         model_ema.to(device)
     if args.compile and training:
         compile_blocks(model)
+    if args.fsdp and training and misc.is_dist():  # before the optimizer, which holds the sharded parameters
+        fsdp.shard(model, args.precision, device, world)
     model_without_ddp = model
     print_rank0(f"Model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
                 f"device {device}, {world} process(es), precision {args.precision}")
@@ -313,18 +326,22 @@ def main(args):
     if not lr_given:
         args.lr = args.blr * args.batch_size * world / 256
     optimizer = torch.optim.AdamW(param_groups(model_without_ddp, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    if fsdp.is_sharded(model):
+        scaler = fsdp.grad_scaler(args.precision, device)
+    else:
+        scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     start_epoch, consumed, ckpt_epoch = args.start_epoch, 0, None
     if ckpt is not None:
         ckpt_epoch = ckpt.get("epoch", 0)
         if training:
-            start_epoch, consumed = checkpoint.restore_training_state(ckpt, optimizer, scaler, device)
+            start_epoch, consumed = checkpoint.restore_training_state(ckpt, optimizer, scaler, device,
+                                                                      model=model_without_ddp)
         print_rank0(f"Resumed from {ckpt_path} ({checkpoint.describe(ckpt)})")
         if training:
             print_rank0(checkpoint.what_changed(ckpt, args, world, lr_given))
         del ckpt
 
-    if misc.is_dist():
+    if misc.is_dist() and not fsdp.is_sharded(model):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if ema is not None and ema_state is None:  # after DDP has broadcast rank 0's weights: the same on every rank
@@ -367,7 +384,7 @@ def main(args):
             if epoch % args.save_last_freq == 0 or epoch + 1 == args.epochs or args.save_every_steps or evaluate:
                 path = checkpoint.save(args, model_without_ddp, optimizer, scaler, epoch, device, model_ema=model_ema)
                 print_rank0(f"Saved {path} (epoch {epoch})")
-            for weights, evaluated_model in evaluated if evaluate else []:
+            for weights, evaluated_model in unsharded(evaluated, args, device) if evaluate else []:
                 gen_bsz = evaluate_gen(evaluated_model, args, device, epoch, log_writer, sampling, gen_bsz,
                                        weights)["gen_bsz"]
             if log_writer is not None:
@@ -376,7 +393,9 @@ def main(args):
             so_far = time.time() - start
             print_rank0(f"Epoch {epoch} done; {hms(so_far)} so far, ETA of the run {hms(so_far / done * left)}")
     print_rank0(f"Training time {hms(time.time() - start)}")
-    report_after_training(evaluated, dataset_val, args, device, world, rank, log_writer, sampling, gen_bsz)
+    if args.final_nll or args.final_samples:
+        report_after_training(unsharded(evaluated, args, device), dataset_val, args, device, world, rank, log_writer,
+                              sampling, gen_bsz)
 
 
 def evaluated_models(args, model, model_ema):
@@ -387,6 +406,22 @@ def evaluated_models(args, model, model_ema):
         pairs.append(("ema", model_ema))
     if model_ema is None or args.eval_weights in ("raw", "both"):
         pairs.append(("raw", model))
+    return pairs
+
+
+def unsharded(evaluated, args, device):
+    """The (weights, model) pairs of `evaluated`, each model sharded by --fsdp replaced by a full copy on
+    every rank: evaluations then run as under DDP (sampling calls generate, not forward, and ranks do not
+    all make the same calls). Every rank must call it."""
+    pairs = []
+    for weights, model in evaluated:
+        if fsdp.is_sharded(model):
+            state = fsdp.full_weights_everywhere(model)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # training's draws stay
+                model = build(args)[0]
+            model.load_state_dict(state, strict=True)
+            model.to(device)
+        pairs.append((weights, model))
     return pairs
 
 

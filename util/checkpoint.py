@@ -15,6 +15,7 @@ import socket
 
 import torch
 
+import util.fsdp as fsdp
 import util.misc as misc
 from util.misc import UserError
 
@@ -34,13 +35,16 @@ def atomic_save(obj, path):
 
 
 def first_non_finite(model, optimizer=None):
-    """The name of the first weight (or optimizer state entry) holding nan or inf, or None."""
+    """The name of the first weight (or optimizer state entry) holding nan or inf, or None; under FSDP,
+    of this rank's shards."""
     for name, t in model.state_dict().items():
+        t = fsdp.local(t)
         if t.is_floating_point() and not torch.isfinite(t).all():
             return name
     if optimizer is not None:
         for i, state in enumerate(optimizer.state.values()):
             for key, t in state.items():
+                t = fsdp.local(t)
                 if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
                     return f"optimizer state {key} of parameter {i}"
     return None
@@ -61,8 +65,12 @@ def save(args, model_without_ddp, optimizer, scaler, epoch, device, step=None, c
                         f"without saving ({previous(args.output_dir)}). Lower --blr (or --lr), raise "
                         "--warmup_epochs, or use --precision bf16/fp32")
     rng, error = rng_states(device), None
+    if fsdp.is_sharded(model_without_ddp):  # gathered to rank 0, in the unsharded format
+        model_state, optimizer_state = fsdp.full_state(model_without_ddp, optimizer)
+    elif misc.is_main_process():
+        model_state, optimizer_state = model_without_ddp.state_dict(), optimizer.state_dict()
     if misc.is_main_process():
-        ckpt = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+        ckpt = {"model": model_state, "optimizer": optimizer_state,
                 "epoch": epoch if step is None else epoch - 1, "scaler": scaler.state_dict(), "args": args,
                 "rng": rng}
         if model_ema is not None:
@@ -297,12 +305,16 @@ def same_folder(a, b):
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def restore_training_state(ckpt, optimizer, scaler, device):
+def restore_training_state(ckpt, optimizer, scaler, device, model=None):
     """Optimizer, scaler and random state from a checkpoint; returns (epoch to run, images of that
-    epoch already trained on). A release checkpoint holding only `model` starts at epoch 0."""
+    epoch already trained on). A release checkpoint holding only `model` starts at epoch 0. `model`: the
+    optimizer's model when it is sharded (FSDP), whose optimizer state is loaded shard by shard."""
     if "optimizer" not in ckpt or "epoch" not in ckpt:
         return 0, 0
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if model is not None and fsdp.is_sharded(model):
+        fsdp.load_optimizer_state(model, optimizer, ckpt["optimizer"])
+    else:
+        optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     if not restore_rng_states(ckpt.get("rng"), device) and "rng" in ckpt and misc.is_main_process():
