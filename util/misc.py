@@ -52,7 +52,8 @@ def run_command(work):
     stop.install()
     try:
         work()
-        return 0
+        share_from_rank0(None)  # every rank done: all leave the process group together (one that leaves
+        return 0                # while another still uses it can abort at exit)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
