@@ -359,6 +359,7 @@ def run(argv):
             r = compute_fid_is(args.image_dir, args.fid_stats, device, args.inception_weights, args.batch_size)
             if r is not None:
                 print(f"FID: {r['fid']!r}, Inception Score: {r['inception_score']!r}")
+        misc.share_from_rank0(None)  # the others wait for rank 0's score: all leave the process group together
     except ValueError as e:  # the checks of this module say what to do
         raise UserError(str(e)) from None
 

@@ -52,8 +52,7 @@ def run_command(work):
     stop.install()
     try:
         work()
-        share_from_rank0(None)  # every rank done: all leave the process group together (one that leaves
-        return 0                # while another still uses it can abort at exit)
+        return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
