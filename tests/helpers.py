@@ -88,3 +88,30 @@ def generate_pngs(checkpoint_dir, out, *extra):
     main_fractalgen.main(args)
     folder = png_folder.folder_of(args)
     return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder)) if f.endswith(".png")}, args
+
+
+def kill_a_worker_once_checkpointed(cmd, ckpt_path, log_path, timeout=240):
+    """Run torchrun `cmd` (--nproc_per_node=2, --max-restarts=1), SIGKILL its second worker once
+    `ckpt_path` exists, and let torchrun restart the group: (torchrun's exit code, its output)."""
+    import signal
+    import time
+    log = open(log_path, "w+")
+    agent = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while not os.path.exists(ckpt_path) and time.time() < deadline and agent.poll() is None:
+            time.sleep(0.1)
+        assert os.path.exists(ckpt_path), "no step checkpoint appeared"
+        workers = open(f"/proc/{agent.pid}/task/{agent.pid}/children").read().split()
+        assert len(workers) == 2
+        os.kill(int(workers[1]), signal.SIGKILL)
+        returncode = agent.wait(timeout=2 * timeout)
+    finally:
+        try:
+            os.killpg(agent.pid, signal.SIGKILL)  # torchrun and any worker left behind
+        except ProcessLookupError:
+            pass
+        agent.wait()
+        log.seek(0)
+        output = log.read()
+    return returncode, output

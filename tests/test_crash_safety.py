@@ -2,10 +2,7 @@
 and bad inputs answered with one line that leaves output_dir as it was."""
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 import warnings
 
 import numpy as np
@@ -17,7 +14,7 @@ from util import png_folder
 import main_fractalgen
 import util.checkpoint as checkpoint
 import util.misc as misc
-from helpers import MODEL_ARGS, ROOT, generate_pngs, run, write_image_folder
+from helpers import MODEL_ARGS, ROOT, generate_pngs, kill_a_worker_once_checkpointed, run, write_image_folder
 from models.fractalgen import build_model
 from util.data import EpochSampler, image_folder
 
@@ -94,29 +91,12 @@ def test_torchrun_restarts_after_a_worker_is_killed(data, tmp_path):
     """SIGKILL one of two workers once a step checkpoint exists: torchrun restarts the group, which
     resumes from that checkpoint and finishes."""
     out = str(tmp_path / "out")
-    log = open(tmp_path / "log.txt", "w+")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
            "main_fractalgen.py"] + MODEL_ARGS + [
         "--data_path", data, "--output_dir", out, "--resume", out, "--batch_size", "2", "--epochs", "4",
         "--warmup_epochs", "1", "--save_every_steps", "2", "--save_last_freq", "100"]
-    agent = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        ckpt_path, deadline = os.path.join(out, "checkpoint-last.pth"), time.time() + 120
-        while not os.path.exists(ckpt_path) and time.time() < deadline and agent.poll() is None:
-            time.sleep(0.2)
-        assert os.path.exists(ckpt_path), "no step checkpoint appeared"
-        workers = open(f"/proc/{agent.pid}/task/{agent.pid}/children").read().split()
-        assert len(workers) == 2
-        os.kill(int(workers[1]), signal.SIGKILL)
-        returncode = agent.wait(timeout=240)
-    finally:
-        try:
-            os.killpg(agent.pid, signal.SIGKILL)  # torchrun and any worker left behind
-        except ProcessLookupError:
-            pass
-        agent.wait()
-        log.seek(0)
-        output = log.read()
+    ckpt_path = os.path.join(out, "checkpoint-last.pth")
+    returncode, output = kill_a_worker_once_checkpointed(cmd, ckpt_path, tmp_path / "log.txt", timeout=120)
     assert returncode == 0, output[-3000:]
     assert output.count("Training from epoch 0 to 4") == 1 and "Resumed from" in output, output[-3000:]
     assert checkpoint.load(ckpt_path)["epoch"] == 3

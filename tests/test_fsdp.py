@@ -2,16 +2,13 @@
 checkpoints in the one format that move between DDP and FSDP, and evaluation after training."""
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import util.checkpoint as checkpoint
-from helpers import MODEL_ARGS, ROOT, run, write_image_folder
+from helpers import MODEL_ARGS, ROOT, kill_a_worker_once_checkpointed, run, write_image_folder
 
 # 24 training images, 4 per process and step: 3 steps per epoch; constant lr, so --epochs only says where to stop;
 # a gradient norm clipped at every step (it is above 1 here), so that clipping on shards is compared too
@@ -157,26 +154,11 @@ def test_fsdp_kill_and_resume_is_exact(runs, tmp_path):
     data, out = runs["data"], str(tmp_path / "killed")
     flags = ["--fsdp", "--save_every_steps", "1"]
     whole = train(str(tmp_path / "whole"), data, 4, *flags)
-    log = open(tmp_path / "log.txt", "w+")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
            "main_fractalgen.py"] + TRAIN + ["--data_path", data, "--output_dir", out, "--resume", out, "--epochs", "4",
                                             *flags]
-    agent = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        ckpt_path, deadline = checkpoint.path_in(out), time.time() + 300
-        while not os.path.exists(ckpt_path) and time.time() < deadline and agent.poll() is None:
-            time.sleep(0.1)
-        assert os.path.exists(ckpt_path), "no step checkpoint appeared"
-        os.kill(int(open(f"/proc/{agent.pid}/task/{agent.pid}/children").read().split()[1]), signal.SIGKILL)
-        returncode = agent.wait(timeout=600)
-    finally:
-        try:
-            os.killpg(agent.pid, signal.SIGKILL)  # torchrun and any worker left behind
-        except ProcessLookupError:
-            pass
-        agent.wait()
-        log.seek(0)
-        output = log.read()
+    ckpt_path = checkpoint.path_in(out)
+    returncode, output = kill_a_worker_once_checkpointed(cmd, ckpt_path, tmp_path / "log.txt", timeout=300)
     assert returncode == 0 and "Resumed from" in output and "inside epoch" in output, output[-3000:]
     ckpt = checkpoint.load(ckpt_path)
     assert ckpt["epoch"] == 3 and largest_difference(ckpt["model"], whole["model"]) == 0
