@@ -25,6 +25,7 @@ from PIL import Image
 import util.misc as misc
 from models.fractalgen import RELEASED
 from util.crop import center_crop_arr
+from util.download import download_pretrained
 from util.flags import (WEIGHT_NAMES, Parser, add_device_flags, add_sampling_flags, add_weights_flag, check_output_png,
                         count, int_list)
 from util.sampling import edit_images, load_model, precision_for, sampling_for, save_png
@@ -143,12 +144,6 @@ def get_args_parser():
     return p
 
 
-def released_checkpoint(name, download_dir, url=None):
-    """The released model's checkpoint, fetched by util.download unless it is there already."""
-    from util.download import download_pretrained
-    return download_pretrained(name, download_dir, url=url)
-
-
 def main(args):
     precision = precision_for(args)
     check_output_png("output", args.output)
@@ -156,7 +151,7 @@ def main(args):
         open_image(path)  # a missing or unreadable file stops us before the model loads
     if not (args.checkpoint or args.model):
         raise misc.UserError("give --checkpoint PATH, or --model NAME for a released model")
-    checkpoint = args.checkpoint or released_checkpoint(args.model, args.download_dir, args.url)
+    checkpoint = args.checkpoint or download_pretrained(args.model, args.download_dir, url=args.url)
     if not os.path.isfile(checkpoint):
         raise misc.UserError(f"no checkpoint at {checkpoint}")
     model, settings = load_model(checkpoint, torch.device(args.device), model_name=args.model, weights=args.eval_weights)
