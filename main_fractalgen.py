@@ -98,7 +98,7 @@ def get_args_parser():
                         "whose training state does not fit on one GPU; slower than DDP where that fits. Checkpoints "
                         "keep the one format (a run can switch between the two). Evaluations use a full copy on "
                         "each process, so --evaluate_nll/--evaluate_gen run as without it. One process: nothing "
-                        "to shard. Not with --ema_rate yet")
+                        "to shard")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block for training (sampling and the NLL stay eager); "
                         "compiling takes a minute or more at the start")
@@ -207,9 +207,6 @@ def check_args(args):
                              "too (e.g. 0.9999)")
     if args.save_npz and not (args.evaluate_gen or args.online_eval):
         raise misc.UserError("--save_npz writes the images of --evaluate_gen (or --online_eval): add one of them")
-    if args.fsdp and args.ema_rate and training:
-        raise misc.UserError("--fsdp does not keep an EMA yet: pass --ema_rate 0 with --fsdp, or train with DDP "
-                             "(without --fsdp) to keep one")
     for flag in ("output_dir", "log_dir"):
         check_writable_folder(flag, getattr(args, flag))
     if args.fid_inception_weights and not os.path.isfile(args.fid_inception_weights):
@@ -319,6 +316,8 @@ def main(args):
         compile_blocks(model)
     if args.fsdp and training and misc.is_dist():  # before the optimizer, which holds the sharded parameters
         fsdp.shard(model, args.precision, device, world)
+        if ema is not None:  # sharded as the model: each rank averages its own shards
+            fsdp.shard(model_ema, "fp32", device, world)
     model_without_ddp = model
     print_rank0(f"Model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
                 f"device {device}, {world} process(es), precision {args.precision}")

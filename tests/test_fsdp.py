@@ -11,9 +11,10 @@ import util.checkpoint as checkpoint
 from helpers import MODEL_ARGS, ROOT, kill_a_worker_once_checkpointed, run, write_image_folder
 
 # 24 training images, 4 per process and step: 3 steps per epoch; constant lr, so --epochs only says where to stop;
-# a gradient norm clipped at every step (it is above 1 here), so that clipping on shards is compared too
+# a gradient norm clipped at every step (it is above 1 here), so that clipping on shards is compared too; an EMA
+# of the weights (on shards under FSDP)
 TRAIN = MODEL_ARGS + ["--batch_size", "4", "--lr", "1e-3", "--warmup_epochs", "0", "--lr_schedule", "constant",
-                      "--seed", "3", "--save_last_freq", "1", "--grad_clip", "0.2"]
+                      "--seed", "3", "--save_last_freq", "1", "--grad_clip", "0.2", "--ema_rate", "0.9"]
 # FSDP against DDP from the same weights, fp32, 2 processes. Without clipping the two were measured bit for
 # bit equal (a gradient is the sum of 2 ranks' halved, the same float in either order). The clipped norm is
 # summed over shards under FSDP, over whole tensors under DDP: the first loss is still the same, then
@@ -48,12 +49,13 @@ def largest_difference(a, b):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two epochs (6 steps) from the same seed under DDP and under --fsdp (with --grad_checkpointing), each
-    generating 6 images after each epoch (--online_eval, no scoring) and followed by its NLL and samples:
+    generating 6 images after each epoch (--online_eval, no scoring) and followed by its NLL and samples, of
+    the EMA and of the raw weights:
     {name: (folder, checkpoint)}."""
     tmp = tmp_path_factory.mktemp("fsdp")
     data = write_image_folder(str(tmp / "data"))
-    after = ["--final_nll", "--final_samples", "1", "--num_iter_list", "2,2", "--online_eval", "--eval_freq", "1",
-             "--fid_stats", "none", "--num_images", "6"]
+    after = ["--final_nll", "--final_samples", "1", "--eval_weights", "both", "--num_iter_list", "2,2", "--online_eval",
+             "--eval_freq", "1", "--fid_stats", "none", "--num_images", "6"]
     ddp, fsdp = str(tmp / "ddp"), str(tmp / "fsdp")
     return {"data": data, "ddp": (ddp, train(ddp, data, 2, *after)),
             "fsdp": (fsdp, train(fsdp, data, 2, "--fsdp", "--grad_checkpointing", *after))}
@@ -67,15 +69,19 @@ def test_fsdp_trains_as_ddp(runs):
     assert len(ddp_losses) == len(fsdp_losses) == 6
     assert fsdp_losses[0] == ddp_losses[0] and ddp_losses[-1] < ddp_losses[0]
     assert max(abs(a - b) for a, b in zip(ddp_losses, fsdp_losses)) < LOSS_TOLERANCE
-    assert largest_difference(ddp_ckpt["model"], fsdp_ckpt["model"]) < WEIGHT_TOLERANCE
+    for key in ("model", "model_ema"):
+        assert largest_difference(ddp_ckpt[key], fsdp_ckpt[key]) < WEIGHT_TOLERANCE
+    assert largest_difference(fsdp_ckpt["model"], fsdp_ckpt["model_ema"]) > 1e-3  # an average, not a copy
     for i, state in ddp_ckpt["optimizer"]["state"].items():
         assert largest_difference(state, fsdp_ckpt["optimizer"]["state"][i]) < STATE_TOLERANCE
     import util.misc as misc
-    bpd = [misc.read_json(os.path.join(f, "results.json"))["nll"]["bpd"] for f in (ddp, fsdp)]
-    assert abs(bpd[0] - bpd[1]) < LOSS_TOLERANCE
-    assert os.path.isfile(os.path.join(fsdp, "samples.png"))
-    generated = misc.read_json(os.path.join(fsdp, "results.json"))["generation"]
-    assert generated["epoch"] == 1 and len([f for f in os.listdir(generated["images"]) if f.endswith(".png")]) == 6
+    results = [misc.read_json(os.path.join(f, "results.json")) for f in (ddp, fsdp)]
+    for tag in ("", "_ema"):
+        assert abs(results[0]["nll" + tag]["bpd"] - results[1]["nll" + tag]["bpd"]) < LOSS_TOLERANCE
+        assert os.path.isfile(os.path.join(fsdp, f"samples{tag}.png"))
+        generated = results[1]["generation" + tag]
+        assert generated["epoch"] == 1 and len([f for f in os.listdir(generated["images"]) if f.endswith(".png")]) == 6
+    assert results[1]["nll"]["bpd"] != results[1]["nll_ema"]["bpd"]
 
 
 def test_fsdp_checkpoint_is_the_one_format(runs):
@@ -102,10 +108,11 @@ def test_checkpoints_move_between_ddp_and_fsdp(runs, tmp_path):
     to_fsdp = resumed(runs["ddp"][0], str(tmp_path / "to_fsdp"), data, 3, "--fsdp")
     to_ddp = resumed(runs["fsdp"][0], str(tmp_path / "to_ddp"), data, 3)
     for ckpt in (to_fsdp, to_ddp):
-        assert ckpt["epoch"] == 2
+        assert ckpt["epoch"] == 2 and "model_ema" in ckpt
         assert all(s["step"] == 9 for s in ckpt["optimizer"]["state"].values())
     assert largest_difference(runs["ddp"][1]["model"], to_fsdp["model"]) > 1e-3  # it trained on
-    assert largest_difference(to_fsdp["model"], to_ddp["model"]) < WEIGHT_TOLERANCE
+    for key in ("model", "model_ema"):
+        assert largest_difference(to_fsdp[key], to_ddp[key]) < WEIGHT_TOLERANCE
 
 
 @pytest.mark.slow
@@ -117,16 +124,9 @@ def test_fsdp_stop_and_resume_is_exact(runs, tmp_path):
     ckpt = train(out, data, 2, "--fsdp", "--grad_checkpointing", resume=True)
     uninterrupted = runs["fsdp"][1]
     assert largest_difference(ckpt["model"], uninterrupted["model"]) == 0
+    assert largest_difference(ckpt["model_ema"], uninterrupted["model_ema"]) == 0
     for i, state in uninterrupted["optimizer"]["state"].items():
         assert all(torch.equal(v, ckpt["optimizer"]["state"][i][k]) for k, v in state.items())
-
-
-def test_fsdp_with_ema_is_refused(tmp_path):
-    import main_fractalgen
-    import util.misc as misc
-    args = main_fractalgen.parse_args(MODEL_ARGS + ["--fsdp", "--ema_rate", "0.999", "--output_dir", str(tmp_path)])
-    with pytest.raises(misc.UserError, match="--fsdp does not keep an EMA"):
-        main_fractalgen.check_args(args)
 
 
 @pytest.mark.slow
@@ -135,12 +135,12 @@ def test_fsdp_bf16_trains_as_ddp_bf16(runs, tmp_path):
     operation (autocast); measured after 3 steps: first loss 1.2e-4 apart (of 11.15), weights up to 4.6e-3
     (AdamW's steps of lr 1e-3 where a gradient's sign differs), the NLL 6e-5 apart. Saved in float32."""
     data, folders = runs["data"], [str(tmp_path / w) for w in ("ddp", "fsdp")]
-    ckpts = [train(f, data, 1, "--precision", "bf16", "--final_nll", *extra)
+    ckpts = [train(f, data, 1, "--precision", "bf16", "--final_nll", "--eval_weights", "raw", *extra)
              for f, extra in zip(folders, ([], ["--fsdp"]))]
     first = [losses(f)[0] for f in folders]
     assert abs(first[0] - first[1]) < 1e-3
     assert largest_difference(ckpts[0]["model"], ckpts[1]["model"]) < 2e-2
-    assert all(t.dtype == torch.float32 for t in ckpts[1]["model"].values())
+    assert all(t.dtype == torch.float32 for key in ("model", "model_ema") for t in ckpts[1][key].values())
     import util.misc as misc
     bpd = [misc.read_json(os.path.join(f, "results.json"))["nll"]["bpd"] for f in folders]
     assert abs(bpd[0] - bpd[1]) < 1e-3

@@ -67,14 +67,16 @@ def save(args, model_without_ddp, optimizer, scaler, epoch, device, step=None, c
     rng, error = rng_states(device), None
     if fsdp.is_sharded(model_without_ddp):  # gathered to rank 0, in the unsharded format
         model_state, optimizer_state = fsdp.full_state(model_without_ddp, optimizer)
+        ema_state = fsdp.full_state(model_ema)[0] if model_ema is not None else None
     elif misc.is_main_process():
         model_state, optimizer_state = model_without_ddp.state_dict(), optimizer.state_dict()
+        ema_state = model_ema.state_dict() if model_ema is not None else None
     if misc.is_main_process():
         ckpt = {"model": model_state, "optimizer": optimizer_state,
                 "epoch": epoch if step is None else epoch - 1, "scaler": scaler.state_dict(), "args": args,
                 "rng": rng}
-        if model_ema is not None:
-            ckpt["model_ema"] = model_ema.state_dict()
+        if ema_state is not None:
+            ckpt["model_ema"] = ema_state
         if step is not None:
             ckpt["resume_at"] = {"epoch": epoch, "step": step, "consumed": consumed}
         try:
