@@ -99,6 +99,11 @@ def get_args_parser():
                         "keep the one format (a run can switch between the two). Evaluations use a full copy on "
                         "each process, so --evaluate_nll/--evaluate_gen run as without it. One process: nothing "
                         "to shard")
+    p.add_argument("--sharded_checkpoint", action="store_true",
+                   help="with --fsdp: each process writes its own shards (torch.distributed.checkpoint) into "
+                        "output_dir/checkpoint-last.dcp instead of rank 0 gathering checkpoint-last.pth, for a training "
+                        "state larger than rank 0's memory; resumes with any number of processes; "
+                        "python -m util.checkpoint consolidate makes the one file from it")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block for training (sampling and the NLL stay eager); "
                         "compiling takes a minute or more at the start")
@@ -207,6 +212,9 @@ def check_args(args):
                              "too (e.g. 0.9999)")
     if args.save_npz and not (args.evaluate_gen or args.online_eval):
         raise misc.UserError("--save_npz writes the images of --evaluate_gen (or --online_eval): add one of them")
+    if args.sharded_checkpoint and not args.fsdp:
+        raise misc.UserError("--sharded_checkpoint saves the shards of --fsdp: add --fsdp (under DDP every process "
+                             "holds the full state, and rank 0 saves checkpoint-last.pth)")
     for flag in ("output_dir", "log_dir"):
         check_writable_folder(flag, getattr(args, flag))
     if args.fid_inception_weights and not os.path.isfile(args.fid_inception_weights):
@@ -265,8 +273,11 @@ def main(args):
     needs_val = args.evaluate_nll or (training and args.final_nll)  # checked now, not after training
     dataset_val = image_folder(args.data_path, "val", args.img_size, args.class_num) if needs_val else None
     ckpt_path, ckpt = checkpoint.resume_on_every_rank(args, training)
+    ema_saved = checkpoint.holds_ema(ckpt)
     model_ema, ema_state = None, None  # the module holding the EMA weights; the checkpoint's EMA weights
-    if ckpt is not None and training:
+    if ckpt is not None and training and "sharded" in ckpt:  # its tensors are read once the model is sharded
+        checkpoint.check_shapes(model, ckpt["sharded"]["shapes"]["model"], ckpt_path)
+    elif ckpt is not None and training:
         checkpoint.load_model_state(model, ckpt["model"], ckpt_path)
         checkpoint.check_training_state(ckpt, param_groups(model, args.weight_decay), ckpt_path)
         ema_state = ckpt.get("model_ema")
@@ -290,7 +301,7 @@ def main(args):
         model_ema = ema.module.requires_grad_(False)
         if ema_state is not None:
             checkpoint.load_model_state(model_ema, ema_state, ckpt_path)
-    elif ema_state is not None:
+    elif training and ema_saved:
         print_rank0(f"--ema_rate 0: the EMA weights of {ckpt_path} are not continued (the next checkpoint holds "
                     "none)")
     world, rank = misc.get_world_size(), misc.get_rank()
@@ -334,7 +345,8 @@ def main(args):
         ckpt_epoch = ckpt.get("epoch", 0)
         if training:
             start_epoch, consumed = checkpoint.restore_training_state(ckpt, optimizer, scaler, device,
-                                                                      model=model_without_ddp)
+                                                                      model=model_without_ddp,
+                                                                      model_ema=model_ema if ema is not None else None)
         print_rank0(f"Resumed from {ckpt_path} ({checkpoint.describe(ckpt)})")
         if training:
             print_rank0(checkpoint.what_changed(ckpt, args, world, lr_given))
@@ -343,7 +355,7 @@ def main(args):
     if misc.is_dist() and not fsdp.is_sharded(model):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    if ema is not None and ema_state is None:  # after DDP has broadcast rank 0's weights: the same on every rank
+    if ema is not None and not ema_saved:  # after DDP has broadcast rank 0's weights: the same on every rank
         model_ema.load_state_dict(model_without_ddp.state_dict())
         if ckpt_path is not None:
             print_rank0(f"{ckpt_path} holds no EMA weights (model_ema): the EMA starts from its weights")

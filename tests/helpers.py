@@ -1,9 +1,11 @@
 """Small things several test files need."""
+import contextlib
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -115,3 +117,16 @@ def kill_a_worker_once_checkpointed(cmd, ckpt_path, log_path, timeout=240):
         log.seek(0)
         output = log.read()
     return returncode, output
+
+
+@contextlib.contextmanager
+def small_disk(folder, size="3m"):
+    """`folder` as a real tmpfs of `size` (root only: skipped where mounting is refused)."""
+    os.makedirs(folder, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip() or 'not root'})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", folder], check=True)

@@ -20,7 +20,7 @@ import main_fractalgen
 import util.checkpoint as checkpoint
 import util.misc as misc
 import util.stop as stop
-from helpers import MODEL_ARGS, write_image_folder
+from helpers import MODEL_ARGS, small_disk, write_image_folder
 from util.data import SkipCorruptImages
 
 
@@ -36,19 +36,6 @@ def train_argv(data, out, *extra):
 
 def one_line(error):
     return "\n" not in str(error.value)
-
-
-@contextlib.contextmanager
-def small_disk(folder, size="3m"):
-    """`folder` as a real tmpfs of `size` (root only: skipped where mounting is refused)."""
-    os.makedirs(folder, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip() or 'not root'})")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", folder], check=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,16 @@
 """--fsdp (FSDP2) with 2 gloo processes on the CPU: the same numbers as DDP from the same weights,
-checkpoints in the one format that move between DDP and FSDP, and evaluation after training."""
+checkpoints in the one format that move between DDP and FSDP, evaluation after training, and the sharded
+format (--sharded_checkpoint): exact resumption, resharding, consolidation, bad inputs."""
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
 import torch
 
 import util.checkpoint as checkpoint
-from helpers import MODEL_ARGS, ROOT, kill_a_worker_once_checkpointed, run, write_image_folder
+from helpers import MODEL_ARGS, ROOT, kill_a_worker_once_checkpointed, run, small_disk, write_image_folder
 
 # 24 training images, 4 per process and step: 3 steps per epoch; constant lr, so --epochs only says where to stop;
 # a gradient norm clipped at every step (it is above 1 here), so that clipping on shards is compared too; an EMA
@@ -23,11 +25,11 @@ TRAIN = MODEL_ARGS + ["--batch_size", "4", "--lr", "1e-3", "--warmup_epochs", "0
 LOSS_TOLERANCE, WEIGHT_TOLERANCE, STATE_TOLERANCE = 4e-6, 1e-5, 1e-8
 
 
-def train(out, data, epochs, *extra, resume=False):
+def train(out, data, epochs, *extra, resume=False, nproc=2):
     r = run(TRAIN + ["--data_path", data, "--output_dir", out, "--epochs", str(epochs), *extra]
-            + (["--resume", out] if resume else []), nproc=2, timeout=900)
+            + (["--resume", out] if resume else []), nproc=nproc, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return checkpoint.load(checkpoint.path_in(out))
+    return None if "--sharded_checkpoint" in extra else checkpoint.load(checkpoint.path_in(out))
 
 
 def resumed(source, out, data, epochs, *extra):
@@ -162,3 +164,112 @@ def test_fsdp_kill_and_resume_is_exact(runs, tmp_path):
     assert returncode == 0 and "Resumed from" in output and "inside epoch" in output, output[-3000:]
     ckpt = checkpoint.load(ckpt_path)
     assert ckpt["epoch"] == 3 and largest_difference(ckpt["model"], whole["model"]) == 0
+
+
+# ----------------------------------------------------------------------------- --sharded_checkpoint
+SHARDED = ["--fsdp", "--grad_checkpointing", "--sharded_checkpoint"]
+
+
+def consolidate(folder, *extra):
+    return subprocess.run([sys.executable, "-m", "util.checkpoint", "consolidate", folder, *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sharded_run(runs, tmp_path_factory):
+    """The folder of one epoch under --fsdp --sharded_checkpoint (as the `runs` FSDP run's first epoch)."""
+    out = str(tmp_path_factory.mktemp("sharded") / "run")
+    train(out, runs["data"], 1, *SHARDED)
+    return out
+
+
+def test_a_sharded_checkpoint_resumes_exactly_and_consolidates_to_the_one_file(runs, sharded_run, tmp_path):
+    """Each rank writes its own shards; resumed for a second epoch, the run ends bit for bit where the
+    uninterrupted --fsdp run does, and util.checkpoint consolidate writes that checkpoint as the one file
+    (which it never replaces)."""
+    shards = os.path.join(sharded_run, checkpoint.SHARDED)
+    assert sorted(os.listdir(shards)) == [".metadata", "__0_0.distcp", "__1_0.distcp", checkpoint.PROGRESS]
+    assert not os.path.exists(checkpoint.path_in(sharded_run))
+    out = str(tmp_path / "resumed")
+    shutil.copytree(sharded_run, out)
+    train(out, runs["data"], 2, *SHARDED, resume=True)
+    done = consolidate(out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"wrote {checkpoint.path_in(out)} (after epoch 1, with EMA weights)"
+    ckpt, uninterrupted = checkpoint.load(checkpoint.path_in(out)), runs["fsdp"][1]
+    assert ckpt["epoch"] == 1 and len(ckpt["rng"]) == 2
+    for key in ("model", "model_ema"):
+        assert largest_difference(ckpt[key], uninterrupted[key]) == 0
+    assert ckpt["optimizer"]["param_groups"] == uninterrupted["optimizer"]["param_groups"]
+    for i, state in uninterrupted["optimizer"]["state"].items():
+        assert all(torch.equal(v, ckpt["optimizer"]["state"][i][k]) for k, v in state.items())
+    before = os.stat(checkpoint.path_in(out)).st_mtime_ns
+    again = consolidate(out)
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+        f"error: {checkpoint.path_in(out)} exists and is left as it is: pass --output another file, or move it "
+        "away first"]
+    assert os.stat(checkpoint.path_in(out)).st_mtime_ns == before
+
+
+def test_a_sharded_checkpoint_resumes_with_another_number_of_processes(sharded_run, runs, tmp_path):
+    """Saved by 2 processes, resumed by 1 without --fsdp (the shards read into full tensors): the same weights
+    after another epoch as resuming the consolidated file."""
+    from_shards, from_file = str(tmp_path / "from_shards"), str(tmp_path / "from_file")
+    for out in (from_shards, from_file):
+        shutil.copytree(sharded_run, out)
+    assert consolidate(from_file).returncode == 0
+    shutil.rmtree(os.path.join(from_file, checkpoint.SHARDED))
+    ckpts = [train(out, runs["data"], 2, resume=True, nproc=1) for out in (from_shards, from_file)]
+    assert ckpts[0]["epoch"] == 1 and all(s["step"] == 3 + 6 for s in ckpts[0]["optimizer"]["state"].values())
+    for key in ("model", "model_ema"):
+        assert largest_difference(ckpts[0][key], ckpts[1][key]) == 0
+
+
+def test_sharded_checkpoints_refuse_what_they_cannot_do_in_one_line(sharded_run, tmp_path):
+    """--sharded_checkpoint without --fsdp; an evaluation of a run that has only shards; a damaged progress
+    file: one line each, before anything is written."""
+    import main_fractalgen
+    import util.misc as misc
+    args = main_fractalgen.parse_args(MODEL_ARGS + ["--sharded_checkpoint", "--output_dir", str(tmp_path)])
+    with pytest.raises(misc.UserError, match="--sharded_checkpoint saves the shards of --fsdp: add --fsdp"):
+        main_fractalgen.check_args(args)
+    args = main_fractalgen.parse_args(MODEL_ARGS + ["--evaluate_nll", "--resume", sharded_run])
+    with pytest.raises(misc.UserError, match=f"make the one file from it first: python -m util.checkpoint "
+                                             f"consolidate {sharded_run}$"):
+        checkpoint.to_resume(args, training=False)
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(sharded_run, damaged)
+    with open(os.path.join(damaged, checkpoint.SHARDED, checkpoint.PROGRESS), "r+b") as f:
+        f.truncate(100)
+    args = main_fractalgen.parse_args(MODEL_ARGS + ["--resume", damaged, "--output_dir", damaged])
+    with pytest.raises(misc.UserError, match="cannot read the sharded checkpoint .*; restore it or point --resume "
+                                             "elsewhere$") as e:
+        checkpoint.to_resume(args, training=True)
+    assert "\n" not in str(e.value)
+
+
+def test_a_missing_shard_stops_the_resumed_run_in_one_line(sharded_run, runs, tmp_path):
+    out = str(tmp_path / "missing")
+    shutil.copytree(sharded_run, out)
+    os.remove(os.path.join(out, checkpoint.SHARDED, "__1_0.distcp"))
+    r = run(TRAIN + ["--data_path", runs["data"], "--output_dir", out, "--resume", out, "--epochs", "2"])
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f"error: cannot read the sharded checkpoint {os.path.join(out, checkpoint.SHARDED)} ("), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_a_full_disk_during_a_sharded_save_keeps_the_previous_one(runs, tmp_path):
+    """The first sharded checkpoint (15 MB without an EMA) fits, the second does not: every rank stops with
+    the line, the first stays complete and the partial one is removed."""
+    with small_disk(str(tmp_path / "disk"), "24m") as out:
+        r = run(TRAIN + ["--data_path", runs["data"], "--output_dir", out, "--epochs", "2", "--ema_rate", "0",
+                         *SHARDED], nproc=2, timeout=600)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert errors and all(e == errors[0] for e in errors), r.stderr[-3000:]
+        assert errors[0].startswith(f"error: disk full while writing {os.path.join(out, checkpoint.SHARDED)}.tmp: "
+                                    f"free space in {out} and run the same command again (the last checkpoint, ")
+        assert "[rank0]: Traceback" not in r.stderr and "[rank1]: Traceback" not in r.stderr  # torchrun's own is there
+        assert sorted(os.listdir(out)) == sorted([".fractalgen.lock", checkpoint.SHARDED]
+                                                 + [f for f in os.listdir(out) if f.startswith("events.")])
+        assert checkpoint.load_sharded_progress(os.path.join(out, checkpoint.SHARDED))["epoch"] == 0

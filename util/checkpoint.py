@@ -8,10 +8,17 @@ the moving average of the weights, a state dict with the model's keys (MAR's nam
 is always the last *finished* epoch, because the release resumes at `epoch + 1`: its code then continues
 our checkpoints at the next whole epoch, and ours continues the release's. Weights, EMA weights or
 optimizer state that are not finite are never saved.
+
+With --sharded_checkpoint (under --fsdp) a run keeps <output_dir>/checkpoint-last.dcp/ instead: the
+weights, optimizer state (keyed by parameter names) and EMA weights as torch.distributed.checkpoint writes
+them, each process its own shards, and `progress.pth` with the other entries. It resumes with any number
+of processes, and `python -m util.checkpoint consolidate` turns it into the one file.
 """
 import argparse
 import os
+import shutil
 import socket
+import sys
 
 import torch
 
@@ -19,11 +26,23 @@ import util.fsdp as fsdp
 import util.misc as misc
 from util.misc import UserError
 
+torch.serialization.add_safe_globals([argparse.Namespace])  # the saved args, read with weights_only=True
 NAME = "checkpoint-last.pth"
+SHARDED = "checkpoint-last.dcp"
+PROGRESS = "progress.pth"  # in a sharded checkpoint: every entry but the tensors of model, optimizer, model_ema
 
 
 def path_in(folder):
     return os.path.join(folder, NAME)
+
+
+def sharded_in(folder):
+    """The complete sharded checkpoint in `folder`, or None: checkpoint-last.dcp, or the one it replaces
+    (.old) when a save stopped between its two renames."""
+    for path in (os.path.join(folder, SHARDED), os.path.join(folder, SHARDED + ".old")):
+        if all(os.path.isfile(os.path.join(path, f)) for f in (".metadata", PROGRESS)):
+            return path
+    return None
 
 
 # ----------------------------------------------------------------------------- save
@@ -51,7 +70,7 @@ def first_non_finite(model, optimizer=None):
 
 
 def save(args, model_without_ddp, optimizer, scaler, epoch, device, step=None, consumed=0, model_ema=None):
-    """Write output_dir/checkpoint-last.pth after `epoch` finished, or, with `step`, inside `epoch` after
+    """Write output_dir/checkpoint-last.pth (checkpoint-last.dcp with --sharded_checkpoint) after `epoch` finished, or, with `step`, inside `epoch` after
     `step` steps and `consumed` images (over all ranks); `model_ema`: the module holding the EMA weights,
     if any. Every rank must call it; rank 0 writes. Non-finite weights, EMA weights or optimizer state
     stop training instead (all ranks together), and the previous checkpoint stays in place. Returns the
@@ -64,21 +83,23 @@ def save(args, model_without_ddp, optimizer, scaler, epoch, device, step=None, c
         raise UserError(f"nan or inf at {where} (in {bad or 'the model on another rank'}); training stopped "
                         f"without saving ({previous(args.output_dir)}). Lower --blr (or --lr), raise "
                         "--warmup_epochs, or use --precision bf16/fp32")
-    rng, error = rng_states(device), None
+    progress = {"epoch": epoch if step is None else epoch - 1, "scaler": scaler.state_dict(), "args": args,
+                "rng": rng_states(device)}
+    if step is not None:
+        progress["resume_at"] = {"epoch": epoch, "step": step, "consumed": consumed}
+    if args.sharded_checkpoint:
+        return save_sharded(args.output_dir, progress, model_without_ddp, optimizer, model_ema)
     if fsdp.is_sharded(model_without_ddp):  # gathered to rank 0, in the unsharded format
         model_state, optimizer_state = fsdp.full_state(model_without_ddp, optimizer)
         ema_state = fsdp.full_state(model_ema)[0] if model_ema is not None else None
     elif misc.is_main_process():
         model_state, optimizer_state = model_without_ddp.state_dict(), optimizer.state_dict()
         ema_state = model_ema.state_dict() if model_ema is not None else None
+    error = None
     if misc.is_main_process():
-        ckpt = {"model": model_state, "optimizer": optimizer_state,
-                "epoch": epoch if step is None else epoch - 1, "scaler": scaler.state_dict(), "args": args,
-                "rng": rng}
+        ckpt = {"model": model_state, "optimizer": optimizer_state, **progress}
         if ema_state is not None:
             ckpt["model_ema"] = ema_state
-        if step is not None:
-            ckpt["resume_at"] = {"epoch": epoch, "step": step, "consumed": consumed}
         try:
             atomic_save(ckpt, path_in(args.output_dir))
         except UserError as e:  # a full disk: every rank stops, not only the one that writes
@@ -89,10 +110,48 @@ def save(args, model_without_ddp, optimizer, scaler, epoch, device, step=None, c
     return path_in(args.output_dir)
 
 
+def save_sharded(output_dir, progress, model, optimizer, model_ema):
+    """output_dir/checkpoint-last.dcp: written as .tmp (every rank its shards, then rank 0 the progress),
+    then renamed over the previous one, which is kept as .old until the new one is in place. Every rank must
+    call it; a failure on any rank (a full disk) stops all, and the previous checkpoint stays."""
+    path = os.path.join(output_dir, SHARDED)
+    tmp, old = path + ".tmp", path + ".old"
+    if misc.is_main_process() and os.path.lexists(tmp):  # from a save that did not finish
+        shutil.rmtree(tmp)
+    misc.share_from_rank0(None)
+    try:
+        fsdp.save_sharded(tmp, model, optimizer, model_ema)
+        error = None
+    except Exception as e:  # noqa: BLE001 - any rank's failure, raised on every rank
+        error = (f"disk full while writing {tmp}: free space in {output_dir} and run the same command again"
+                 if misc.disk_full(e) else
+                 f"cannot write the sharded checkpoint {tmp} ({type(e).__name__}: {str(e).splitlines()[0][:300]})")
+    if error is None and misc.is_main_process():
+        try:
+            atomic_save(progress, os.path.join(tmp, PROGRESS))
+            if os.path.isdir(path):
+                if os.path.lexists(old):
+                    shutil.rmtree(old)
+                os.rename(path, old)
+            os.rename(tmp, path)
+            misc.sync_folder(output_dir)
+            if os.path.lexists(old):
+                shutil.rmtree(old)
+        except UserError as e:
+            error = str(e)
+    error = misc.share_from_rank0(error)
+    if error:
+        if misc.is_main_process() and os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{error} ({previous(output_dir)})")
+    return path
+
+
 def previous(output_dir):
     """What a run that stops without saving leaves, for its message."""
-    if os.path.exists(path_in(output_dir)):
-        return f"the last checkpoint, {path_in(output_dir)}, is unchanged"
+    for path in (path_in(output_dir), sharded_in(output_dir)):
+        if path and os.path.exists(path):
+            return f"the last checkpoint, {path}, is unchanged"
     return f"no checkpoint was saved in {output_dir}"
 
 
@@ -111,7 +170,11 @@ def rng_states(device):
 # ----------------------------------------------------------------------------- load
 def load(path):
     """Read a checkpoint (ours or the release's); a missing, truncated or foreign file is a UserError."""
-    torch.serialization.add_safe_globals([argparse.Namespace])
+    run = os.path.dirname(os.path.normpath(path)) if os.path.basename(os.path.normpath(path)) == SHARDED else (
+        path if os.path.isdir(path) else os.path.dirname(path))
+    if not os.path.isfile(path) and sharded_in(run):
+        raise UserError(f"{run} holds a sharded checkpoint (--sharded_checkpoint), which only training resumes; make "
+                        f"the one file from it first: python -m util.checkpoint consolidate {run}")
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}: train one first, or point --resume (or the path) at the folder "
                         "or file that holds it")
@@ -127,6 +190,35 @@ def load(path):
         raise UserError(f"checkpoint {path} is damaged or not one this code wrote: {problem}; restore it or point "
                         "--resume elsewhere")
     return ckpt
+
+
+def load_sharded_progress(folder):
+    """A sharded checkpoint's progress.pth, with `sharded`: {folder, shapes} added (the saved tensors' shapes,
+    from its metadata): everything about it but its tensors, which fsdp.load_sharded reads."""
+    path = os.path.join(folder, PROGRESS)
+    try:
+        progress = torch.load(path, map_location="cpu", weights_only=True)
+        shapes = fsdp.saved_shapes(folder)
+    except Exception as e:  # noqa: BLE001 - any failure to read means the same thing to the user
+        raise UserError(f"cannot read the sharded checkpoint {folder} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}); restore it or point --resume elsewhere") from None
+    problem = "it is not a dict" if not isinstance(progress, dict) else malformed(progress)
+    if problem is None and ("model" not in shapes or "epoch" not in progress):
+        problem = "no model weights or no epoch"
+    if problem:
+        raise UserError(f"the sharded checkpoint {folder} is damaged or not one this code wrote: {problem}; "
+                        "restore it or point --resume elsewhere")
+    return dict(progress, sharded={"folder": folder, "shapes": shapes})
+
+
+def holds_ema(ckpt):
+    return ckpt is not None and ("model_ema" in ckpt or "model_ema" in ckpt.get("sharded", {}).get("shapes", {}))
+
+
+def where_it_continues(ckpt):
+    """(epoch, step) at which a checkpoint's run continues, to tell which of two is newer."""
+    at = ckpt.get("resume_at")
+    return (at["epoch"], at["step"]) if at else (ckpt.get("epoch", -1) + 1, 0)
 
 
 def malformed(ckpt):
@@ -192,13 +284,12 @@ def check_training_state(ckpt, param_groups, path):
                                 "restore it or point --resume elsewhere")
 
 
-def load_model_state(model, state_dict, path):
-    """Strict load with a message naming the keys that differ, for a checkpoint of another model; weights
-    that are not finite (a diverged run's, from before this check existed) are refused."""
+def check_shapes(model, shapes, path):
+    """That the weights of a checkpoint, {name: shape}, are those of `model`: else a UserError naming the keys
+    that differ."""
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in state_dict.items()}
-    missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
-    mismatched = sorted(k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k])
+    missing, unexpected = sorted(ours.keys() - shapes.keys()), sorted(shapes.keys() - ours.keys())
+    mismatched = sorted(k for k in ours.keys() & shapes.keys() if ours[k] != shapes[k])
     if missing or unexpected or mismatched:
         def few(keys):
             return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
@@ -206,6 +297,12 @@ def load_model_state(model, state_dict, path):
                  (("missing", missing), ("unexpected", unexpected), ("shape differs", mismatched)) if keys]
         raise UserError(f"checkpoint {path} does not match this model ({'; '.join(parts)}); "
                         "check --model, --num_conds, --guiding_pixel and --class_num")
+
+
+def load_model_state(model, state_dict, path):
+    """Strict load with a message naming the keys that differ, for a checkpoint of another model; weights
+    that are not finite (a diverged run's, from before this check existed) are refused."""
+    check_shapes(model, {k: tuple(v.shape) for k, v in state_dict.items()}, path)
     model.load_state_dict(state_dict, strict=True)
     bad = first_non_finite(model)
     if bad is not None:
@@ -223,11 +320,25 @@ def to_resume(args, training):
         raise UserError(f"--resume {args.resume} is a file; pass the folder that holds {NAME} "
                         f"(--resume {os.path.dirname(args.resume) or '.'})")
     found = path is not None and os.path.isfile(path)
-    if training and os.path.exists(ours) and not (found and os.path.samefile(path, ours)):
-        raise UserError(f"{ours} exists from an earlier run; pass --resume {args.output_dir} to continue "
+    earlier = ours if os.path.exists(ours) else sharded_in(args.output_dir)
+    if training and earlier and not (args.resume and same_folder(args.resume, args.output_dir)):
+        raise UserError(f"{earlier} exists from an earlier run; pass --resume {args.output_dir} to continue "
                         "it, or choose another --output_dir")
-    if found:
-        return path, load(path)
+    sharded = sharded_in(args.resume) if args.resume else None
+    if sharded and training:
+        progress = load_sharded_progress(sharded)
+        if not found:
+            return sharded, progress
+        ckpt = load(path)  # both: the newer, or at the same point the format --sharded_checkpoint asks for
+        ahead = where_it_continues(ckpt) > where_it_continues(progress)
+        same = where_it_continues(ckpt) == where_it_continues(progress)
+        chosen = (path, ckpt) if ahead or (same and not args.sharded_checkpoint) else (sharded, progress)
+        if misc.is_main_process():
+            print(f"--resume {args.resume} holds both {NAME} and {SHARDED}: resuming from {chosen[0]}, "
+                  f"{'at the same point' if same else 'the newer'}", flush=True)
+        return chosen
+    if found or sharded:
+        return path, load(path)  # a sharded one alone: load() says how to make the one file for an evaluation
     if not training:
         raise UserError(f"evaluation needs a trained model: no {NAME} in --resume {args.resume!r}; point --resume "
                         "at the folder that holds it")
@@ -263,7 +374,8 @@ def resume_on_every_rank(args, training):
 def _files_seen(args, ckpt):
     """What this rank sees of the run's checkpoint files (--resume's, --output_dir's): for each path, its size
     and modification time, and the epoch and step of the one resumed from; None where there is no file."""
-    paths = dict.fromkeys(path_in(f) for f in (args.resume, args.output_dir) if f)
+    folders = [f for f in (args.resume, args.output_dir) if f]
+    paths = dict.fromkeys([path_in(f) for f in folders] + [os.path.join(f, SHARDED, PROGRESS) for f in folders])
     seen = []
     for p in paths:
         try:
@@ -307,13 +419,21 @@ def same_folder(a, b):
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def restore_training_state(ckpt, optimizer, scaler, device, model=None):
-    """Optimizer, scaler and random state from a checkpoint; returns (epoch to run, images of that
+def restore_training_state(ckpt, optimizer, scaler, device, model=None, model_ema=None):
+    """Optimizer, scaler and random state from a checkpoint, and from a sharded one also the weights of
+    `model` and `model_ema` (each rank reads the pieces it holds); returns (epoch to run, images of that
     epoch already trained on). A release checkpoint holding only `model` starts at epoch 0. `model`: the
-    optimizer's model when it is sharded (FSDP), whose optimizer state is loaded shard by shard."""
-    if "optimizer" not in ckpt or "epoch" not in ckpt:
+    optimizer's model, needed when it is sharded (FSDP) or the checkpoint is. Every rank must call it."""
+    if "sharded" in ckpt:
+        folder = ckpt["sharded"]["folder"]
+        try:
+            fsdp.load_sharded(folder, model, optimizer, model_ema if holds_ema(ckpt) else None)
+        except Exception as e:  # noqa: BLE001 - a missing or damaged shard file
+            raise UserError(f"cannot read the sharded checkpoint {folder} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:300]}); restore it or point --resume elsewhere") from None
+    elif "optimizer" not in ckpt or "epoch" not in ckpt:
         return 0, 0
-    if model is not None and fsdp.is_sharded(model):
+    elif model is not None and fsdp.is_sharded(model):
         fsdp.load_optimizer_state(model, optimizer, ckpt["optimizer"])
     else:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -339,7 +459,7 @@ def restore_rng_states(states, device):
 
 def describe(ckpt):
     """Where a resumed run continues, for the log."""
-    ema = ", with EMA weights" if "model_ema" in ckpt else ""
+    ema = ", with EMA weights" if holds_ema(ckpt) else ""
     if "resume_at" in ckpt:
         return f"inside epoch {ckpt['resume_at']['epoch']}, at step {ckpt['resume_at']['step']}{ema}"
     return f"after epoch {ckpt.get('epoch', 'n/a')}{ema}"
@@ -351,3 +471,46 @@ def weights_for(ckpt, choice):
     if choice == "ema" and "model_ema" in ckpt:
         return "ema", ckpt["model_ema"]
     return "raw", ckpt["model"]
+
+
+# ----------------------------------------------------------------------------- python -m util.checkpoint
+def consolidate(folder, output=None):
+    """Write the one file (checkpoint-last.pth, or `output`) from the sharded checkpoint of the run in `folder`,
+    read by this process alone (it needs the full state in memory, which training never did). Returns (its path,
+    where its run continues)."""
+    if os.path.basename(os.path.normpath(folder)) == SHARDED:
+        folder = os.path.dirname(os.path.normpath(folder)) or "."
+    sharded = sharded_in(folder)
+    if sharded is None:
+        raise UserError(f"no sharded checkpoint in {folder} ({SHARDED} with its .metadata and {PROGRESS}): pass the "
+                        "--output_dir of a run trained with --sharded_checkpoint")
+    output = output or path_in(folder)
+    if os.path.lexists(output):
+        raise UserError(f"{output} exists and is left as it is: pass --output another file, or move it away first")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+        raise UserError(f"--output {output}: its folder does not exist")
+    progress = load_sharded_progress(sharded)
+    del progress["sharded"]
+    try:
+        ckpt = dict(fsdp.consolidated(sharded), **progress)
+    except Exception as e:  # noqa: BLE001 - a missing or damaged shard file
+        raise UserError(f"cannot read the sharded checkpoint {sharded} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:300]}); restore it") from None
+    atomic_save(ckpt, output)
+    return output, describe(ckpt)
+
+
+def main(argv=None):
+    from util.flags import Parser
+    parser = Parser(prog="python -m util.checkpoint", description="Checkpoint tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("consolidate", help=f"the one file ({NAME}) from a run's sharded checkpoint ({SHARDED})")
+    p.add_argument("folder", help="the run's --output_dir (or its checkpoint-last.dcp)")
+    p.add_argument("--output", default=None, help=f"where to write; default {NAME} in the folder (never replaced)")
+    args = parser.parse_args(argv)
+    path, described = consolidate(args.folder, args.output)
+    print(f"wrote {path} ({described})")
+
+
+if __name__ == "__main__":
+    sys.exit(misc.run_command(main))

@@ -1,10 +1,14 @@
 """FSDP2 training (--fsdp): each transformer block and the root sharded over the processes, and the
 conversions that keep checkpoint-last.pth in the one format (full state dicts, optimizer state keyed by
-parameter index as torch.optim saves it), so that a run can move between DDP and FSDP.
+parameter index as torch.optim saves it), so that a run can move between DDP and FSDP; and the opt-in
+sharded format (--sharded_checkpoint, torch.distributed.checkpoint), for states too large for rank 0's memory.
 """
+import contextlib
 import sys
 
 import torch
+
+import util.misc as misc
 
 PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,12 +69,83 @@ def full_state(model, optimizer=None):
     if optimizer is None:
         return model_state, None
     state = get_optimizer_state_dict(model, optimizer, options=options)
-    if not state:
-        return model_state, {}
-    index = {name: i for i, name in enumerate(parameter_names(model, optimizer))}
-    state = {"state": {index[name]: s for name, s in state["state"].items()},
-             "param_groups": [dict(g, params=[index[name] for name in g["params"]]) for g in state["param_groups"]]}
-    return model_state, state
+    return model_state, by_index(state) if state else {}
+
+
+def by_index(state):
+    """An optimizer state dict keyed by parameter names (torch.distributed.checkpoint's) keyed by index instead,
+    as torch.optim saves it: the names in the order of its param_groups."""
+    index = {name: i for i, name in enumerate(name for g in state["param_groups"] for name in g["params"])}
+    return {"state": {index[name]: s for name, s in state["state"].items()},
+            "param_groups": [dict(g, params=[index[name] for name in g["params"]]) for g in state["param_groups"]]}
+
+
+# ----------------------------------------------------------------------------- the sharded format
+def sharded_state(model, optimizer, model_ema=None):
+    """{model, optimizer[, model_ema]} as torch.distributed.checkpoint saves and loads them: this rank's shards
+    of a sharded model, the full tensors of one that is not; optimizer state keyed by parameter names."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if model_ema is not None:
+        state["model_ema"] = get_model_state_dict(model_ema)
+    return state
+
+
+@contextlib.contextmanager
+def rank_failures_raised():
+    """torch.distributed.checkpoint's CheckpointException (a BaseException gathering every rank's failure)
+    raised as the failure itself, a full disk first, on every rank."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        yield
+    except CheckpointException as e:
+        failures = [exc for exc, _ in e.failures.values()]  # (exception, its stack) of each rank that failed
+        raise next((f for f in failures if misc.disk_full(f)), failures[0]) from None
+
+
+def save_sharded(folder, model, optimizer, model_ema=None):
+    """Every rank writes its own shards into `folder` (torch.distributed.checkpoint); every rank must call it."""
+    import torch.distributed.checkpoint as dcp
+    with rank_failures_raised():
+        dcp.save(sharded_state(model, optimizer, model_ema), checkpoint_id=folder)
+
+
+def load_sharded(folder, model, optimizer, model_ema=None):
+    """Load a sharded checkpoint saved by any number of processes into `model` (sharded or not), its optimizer
+    and `model_ema`: each rank reads the pieces of the shards it holds now. Every rank must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+    state = sharded_state(model, optimizer, model_ema)
+    with rank_failures_raised():
+        dcp.load(state, checkpoint_id=folder)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    if model_ema is not None:
+        set_model_state_dict(model_ema, state["model_ema"])
+
+
+def saved_shapes(folder):
+    """{entry: {name: shape}} of the tensors in a sharded checkpoint (entry: model, model_ema), from its metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+    shapes = {}
+    for key, meta in FileSystemReader(folder).read_metadata().state_dict_metadata.items():
+        entry, _, name = key.partition(".")
+        if entry in ("model", "model_ema") and hasattr(meta, "size"):
+            shapes.setdefault(entry, {})[name] = tuple(meta.size)
+    return shapes
+
+
+def consolidated(folder):
+    """{model, optimizer[, model_ema]} in full from a sharded checkpoint, in the one format (optimizer state
+    keyed by index), read by this process alone."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    state = {}  # filled from the metadata: the public load() only fills the keys it is given
+    _load_state_dict(state, storage_reader=FileSystemReader(folder), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    state["optimizer"] = by_index(state["optimizer"])
+    return state
 
 
 def full_weights_everywhere(model):
