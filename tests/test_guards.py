@@ -183,16 +183,18 @@ def test_signals_save_at_the_step_boundary_and_resume_exactly(data, tmp_path, mo
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds worker pids in /proc")
-def test_torchrun_sigterm_to_one_worker_stops_both_with_a_step_checkpoint(data, tmp_path):
+@pytest.mark.parametrize("sharding", [[], ["--fsdp", "--sharded_checkpoint"]], ids=["ddp", "fsdp_sharded"])
+def test_torchrun_sigterm_to_one_worker_stops_both_with_a_step_checkpoint(data, tmp_path, sharding):
     """SIGTERM to one of two gloo workers: both agree (all-reduce) to stop after the same step, rank 0
-    saves a step checkpoint and prints one line, both exit 143; the run then resumes and finishes."""
+    saves a step checkpoint (under --fsdp --sharded_checkpoint each rank its shards) and prints one line,
+    both exit 143; the run then resumes and finishes (in one process, without --fsdp)."""
     out = str(tmp_path / "out")
     log_path = tmp_path / "log.txt"
     log = open(log_path, "w+")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main_fractalgen.py"]
     argv = MODEL_ARGS + ["--data_path", data, "--output_dir", out, "--resume", out, "--batch_size", "2",
                          "--epochs", "2", "--warmup_epochs", "1", "--save_last_freq", "100"]
-    agent = subprocess.Popen(cmd + argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    agent = subprocess.Popen(cmd + argv + sharding, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 120
         while "Epoch [0] [1/6]" not in open(log_path).read() and time.time() < deadline and agent.poll() is None:
@@ -211,7 +213,8 @@ def test_torchrun_sigterm_to_one_worker_stops_both_with_a_step_checkpoint(data, 
         output = log.read()
     assert output.count("stopped by SIGTERM in epoch 0 after ") == 1, output[-3000:]
     assert "exitcode  : 143" in output, output[-3000:]  # torchrun's report of the workers
-    ckpt = checkpoint.load(checkpoint.path_in(out))
+    ckpt = (checkpoint.load_sharded_progress(os.path.join(out, checkpoint.SHARDED)) if sharding else
+            checkpoint.load(checkpoint.path_in(out)))
     step = ckpt["resume_at"]["step"]
     assert ckpt["epoch"] == -1 and ckpt["resume_at"] == {"epoch": 0, "step": step, "consumed": step * 4}
     assert f"after {step} of 6 steps" in output

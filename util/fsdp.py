@@ -108,7 +108,7 @@ def save_sharded(folder, model, optimizer, model_ema=None):
     """Every rank writes its own shards into `folder` (torch.distributed.checkpoint); every rank must call it."""
     import torch.distributed.checkpoint as dcp
     with rank_failures_raised():
-        dcp.save(sharded_state(model, optimizer, model_ema), checkpoint_id=folder)
+        dcp.save(sharded_state(model, optimizer, model_ema), checkpoint_id=folder, no_dist=not misc.is_dist())
 
 
 def load_sharded(folder, model, optimizer, model_ema=None):
@@ -118,7 +118,7 @@ def load_sharded(folder, model, optimizer, model_ema=None):
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
     state = sharded_state(model, optimizer, model_ema)
     with rank_failures_raised():
-        dcp.load(state, checkpoint_id=folder)
+        dcp.load(state, checkpoint_id=folder, no_dist=not misc.is_dist())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     if model_ema is not None:
         set_model_state_dict(model_ema, state["model_ema"])
