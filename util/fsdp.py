@@ -5,6 +5,7 @@ sharded format (--sharded_checkpoint, torch.distributed.checkpoint), for states 
 """
 import contextlib
 import sys
+import warnings
 
 import torch
 
@@ -95,10 +96,13 @@ def sharded_state(model, optimizer, model_ema=None):
 @contextlib.contextmanager
 def rank_failures_raised():
     """torch.distributed.checkpoint's CheckpointException (a BaseException gathering every rank's failure)
-    raised as the failure itself, a full disk first, on every rank."""
+    raised as the failure itself, a full disk first, on every rank; and without its warning that one process
+    without a process group is one process."""
     from torch.distributed.checkpoint.api import CheckpointException
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
+            yield
     except CheckpointException as e:
         failures = [exc for exc, _ in e.failures.values()]  # (exception, its stack) of each rank that failed
         raise next((f for f in failures if misc.disk_full(f)), failures[0]) from None
@@ -108,7 +112,7 @@ def save_sharded(folder, model, optimizer, model_ema=None):
     """Every rank writes its own shards into `folder` (torch.distributed.checkpoint); every rank must call it."""
     import torch.distributed.checkpoint as dcp
     with rank_failures_raised():
-        dcp.save(sharded_state(model, optimizer, model_ema), checkpoint_id=folder, no_dist=not misc.is_dist())
+        dcp.save(sharded_state(model, optimizer, model_ema), checkpoint_id=folder)
 
 
 def load_sharded(folder, model, optimizer, model_ema=None):
@@ -118,7 +122,7 @@ def load_sharded(folder, model, optimizer, model_ema=None):
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
     state = sharded_state(model, optimizer, model_ema)
     with rank_failures_raised():
-        dcp.load(state, checkpoint_id=folder, no_dist=not misc.is_dist())
+        dcp.load(state, checkpoint_id=folder)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     if model_ema is not None:
         set_model_state_dict(model_ema, state["model_ema"])
