@@ -116,8 +116,8 @@ def save_sharded(output_dir, progress, model, optimizer, model_ema):
     call it; a failure on any rank (a full disk) stops all, and the previous checkpoint stays."""
     path = os.path.join(output_dir, SHARDED)
     tmp, old = path + ".tmp", path + ".old"
-    if misc.is_main_process() and os.path.lexists(tmp):  # from a save that did not finish
-        shutil.rmtree(tmp)
+    if misc.is_main_process():  # what a save that did not finish left (never followed if a symlink)
+        remove_tree(tmp)
     misc.share_from_rank0(None)
     try:
         fsdp.save_sharded(tmp, model, optimizer, model_ema)
@@ -125,26 +125,32 @@ def save_sharded(output_dir, progress, model, optimizer, model_ema):
     except Exception as e:  # noqa: BLE001 - any rank's failure, raised on every rank
         error = (f"disk full while writing {tmp}: free space in {output_dir} and run the same command again"
                  if misc.disk_full(e) else
-                 f"cannot write the sharded checkpoint {tmp} ({type(e).__name__}: {str(e).splitlines()[0][:300]})")
+                 f"cannot write the sharded checkpoint {tmp} ({type(e).__name__}: {' '.join(str(e).split())[:300]})")
     if error is None and misc.is_main_process():
         try:
             atomic_save(progress, os.path.join(tmp, PROGRESS))
-            if os.path.isdir(path):
-                if os.path.lexists(old):
-                    shutil.rmtree(old)
+            if os.path.lexists(path):
+                remove_tree(old)
                 os.rename(path, old)
             os.rename(tmp, path)
             misc.sync_folder(output_dir)
-            if os.path.lexists(old):
-                shutil.rmtree(old)
-        except UserError as e:
+            remove_tree(old)
+        except (UserError, OSError) as e:  # the others are waiting for rank 0's word
             error = str(e)
     error = misc.share_from_rank0(error)
     if error:
-        if misc.is_main_process() and os.path.lexists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        if misc.is_main_process():
+            remove_tree(tmp)
         raise UserError(f"{error} ({previous(output_dir)})")
     return path
+
+
+def remove_tree(path):
+    """Remove a folder and what it holds, or a file or symlink (not what it points to), if there is one."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.remove(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
 
 
 def previous(output_dir):
@@ -200,8 +206,7 @@ def load_sharded_progress(folder):
         progress = torch.load(path, map_location="cpu", weights_only=True)
         shapes = fsdp.saved_shapes(folder)
     except Exception as e:  # noqa: BLE001 - any failure to read means the same thing to the user
-        raise UserError(f"cannot read the sharded checkpoint {folder} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}); restore it or point --resume elsewhere") from None
+        raise unreadable(folder, e) from None
     problem = "it is not a dict" if not isinstance(progress, dict) else malformed(progress)
     if problem is None and ("model" not in shapes or "epoch" not in progress):
         problem = "no model weights or no epoch"
@@ -209,6 +214,11 @@ def load_sharded_progress(folder):
         raise UserError(f"the sharded checkpoint {folder} is damaged or not one this code wrote: {problem}; "
                         "restore it or point --resume elsewhere")
     return dict(progress, sharded={"folder": folder, "shapes": shapes})
+
+
+def unreadable(folder, error):
+    return UserError(f"cannot read the sharded checkpoint {folder} ({type(error).__name__}: "
+                     f"{' '.join(str(error).split())[:300]}); restore it or point --resume elsewhere")
 
 
 def holds_ema(ckpt):
@@ -429,8 +439,7 @@ def restore_training_state(ckpt, optimizer, scaler, device, model=None, model_em
         try:
             fsdp.load_sharded(folder, model, optimizer, model_ema if holds_ema(ckpt) else None)
         except Exception as e:  # noqa: BLE001 - a missing or damaged shard file
-            raise UserError(f"cannot read the sharded checkpoint {folder} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:300]}); restore it or point --resume elsewhere") from None
+            raise unreadable(folder, e) from None
     elif "optimizer" not in ckpt or "epoch" not in ckpt:
         return 0, 0
     elif model is not None and fsdp.is_sharded(model):
@@ -494,8 +503,7 @@ def consolidate(folder, output=None):
     try:
         ckpt = dict(fsdp.consolidated(sharded), **progress)
     except Exception as e:  # noqa: BLE001 - a missing or damaged shard file
-        raise UserError(f"cannot read the sharded checkpoint {sharded} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:300]}); restore it") from None
+        raise unreadable(sharded, e) from None
     atomic_save(ckpt, output)
     return output, describe(ckpt)
 
