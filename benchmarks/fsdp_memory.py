@@ -14,7 +14,7 @@ block's weights gathered in bf16 twice (the block computing and the next one pre
 Activations: the storages that one training forward creates and that are still alive when it returns
 (LiveStorages), i.e. what autograd and checkpointing keep for the backward, for one image with every MAR
 level masking all its patches, composed level by level (see activations). With --grad_checkpointing the
-peak adds the largest block's recompute. Writes benchmarks/results/fsdp_memory.json (with commit and versions).
+peak adds one block's recompute (checkpointed_peak). Writes benchmarks/results/fsdp_memory.json (with commit and versions).
 """
 import collections
 import gc
@@ -167,7 +167,7 @@ def activations(config, kwargs, batch_size, grad_checkpointing, precision, mask_
     samples it sees: with `cap`, a level passes at most `cap` samples to the next, and per-sample bytes are
     scaled back to the count it would pass (`per_image` composes them), which makes the 256×256 models
     affordable on the CPU. Returns per level: samples measured and per image, bytes kept per sample and
-    per block (for the largest recompute under checkpointing), and the weight casts."""
+    per block (for the recompute under checkpointing), and the weight casts."""
     torch.manual_seed(0)
     with torch.device("meta"):  # weights left uninitialized: pages never written take no memory
         model = FractalGen(**config, class_num=10, grad_checkpointing=grad_checkpointing, **kwargs)
@@ -244,21 +244,27 @@ def per_image(levels):
             sum(r["weight_cast_bytes"] for r in levels))
 
 
-def largest_recompute(levels, batch_size):
-    """Under checkpointing the backward recomputes one block at a time: the most bytes one block keeps at
-    `batch_size` images (measured without checkpointing), with its weight casts."""
-    return max(b * r["samples_per_image"] * batch_size + c for r in levels
-               for b, c in zip(r["block_bytes_per_sample"], r["block_weight_cast_bytes"]))
+def checkpointed_peak(checkpointed, plain, batch_size):
+    """Bytes at the peak under checkpointing, for `batch_size` images: the kept bytes when the forward
+    returns, or, if more, during the backward of one block, whose recompute (its bytes without
+    checkpointing, with its weight casts) comes on top of what its own and the outer levels keep; the
+    deeper levels' backward (they ran later in the forward) has freed theirs by then."""
+    kept = [r["bytes_per_sample"] * r["samples_per_image"] * batch_size + r["weight_cast_bytes"]
+            for r in checkpointed]
+    peak = sum(kept)
+    for level, r in enumerate(plain):
+        for block, casts in zip(r["block_bytes_per_sample"], r["block_weight_cast_bytes"]):
+            peak = max(peak, sum(kept[:level + 1]) + block * r["samples_per_image"] * batch_size + casts)
+    return peak
 
 
 def activation_gib(result, batch_size):
-    """GiB kept for the backward at `batch_size` images: without checkpointing, and with it (kept block
-    inputs plus the largest block's recompute, measured without)."""
+    """GiB kept for the backward at `batch_size` images: without checkpointing, and with it at its peak
+    (checkpointed_peak)."""
     plain, plain_casts = per_image(result["plain"]["levels"])
-    ckpt, ckpt_casts = per_image(result["checkpointed"]["levels"])
     return {"plain": (plain * batch_size + plain_casts) / GIB,
-            "checkpointed": (ckpt * batch_size + ckpt_casts
-                             + largest_recompute(result["plain"]["levels"], batch_size)) / GIB}
+            "checkpointed": checkpointed_peak(result["checkpointed"]["levels"], result["plain"]["levels"],
+                                              batch_size) / GIB}
 
 
 MEASURED = {"fp32": ("fp32", "worst"), "bf16": ("bf16", "worst"), "bf16_mean_ratio": ("bf16", "mean")}
