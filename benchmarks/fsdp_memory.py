@@ -14,7 +14,8 @@ block's weights gathered in bf16 twice (the block computing and the next one pre
 Activations: the storages that one training forward creates and that are still alive when it returns
 (LiveStorages), i.e. what autograd and checkpointing keep for the backward, for one image with every MAR
 level masking all its patches, composed level by level (see activations). With --grad_checkpointing the
-peak adds one block's recompute (checkpointed_peak). Writes benchmarks/results/fsdp_memory.json (with commit and versions).
+peak adds one block's recompute (checkpointed_peak).
+Writes benchmarks/results/fsdp_memory.json (with commit and versions).
 """
 import collections
 import gc
@@ -173,7 +174,6 @@ def activations(config, kwargs, batch_size, grad_checkpointing, precision, mask_
         model = FractalGen(**config, class_num=10, grad_checkpointing=grad_checkpointing, **kwargs)
     model = model.to_empty(device="cpu").train()
     levels = fractal_levels(model)
-    mode = LiveStorages(list(model.parameters()))
     counts = []
 
     def enter(level):
@@ -207,9 +207,13 @@ def activations(config, kwargs, batch_size, grad_checkpointing, precision, mask_
     mean, std = (t.view(1, 3, 1, 1) for t in imagenet_stats(torch.device("cpu")))
     images = (torch.randint(0, 256, (batch_size, 3, size, size)) / 255 - mean) / std
     labels = torch.randint(0, 10, (batch_size,))
+    mode = LiveStorages(list(model.parameters()) + [images, labels])
     sdpa = layers.sdpa_in_chunks
+
+    def fused_attention(q, k, v, causal=False, dropout_p=0.0):
+        return sdpa(q, k, v, causal)
     with (mock.patch.object(layers, "explicit_is_faster", lambda *args: False),
-          mock.patch.object(layers, "sdpa_in_chunks", lambda q, k, v, causal=False, dropout_p=0.0: sdpa(q, k, v, causal))):
+          mock.patch.object(layers, "sdpa_in_chunks", fused_attention)):
         with mode:
             with autocast(torch.device("cpu"), precision):
                 loss = model(images, labels)
