@@ -4,6 +4,7 @@ import contextlib
 import ctypes
 import datetime
 import errno
+import gc
 import json
 import os
 import re
@@ -65,8 +66,7 @@ def run_command(work):
         return stop.EXIT_CODES[signal.SIGINT]
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if is_dist():
-            dist.destroy_process_group()
+        leave_process_groups()
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -192,6 +192,18 @@ def all_reduce_max(tensor):
 def all_ranks_ok(ok, device):
     """True only if `ok` holds on every rank (so that all ranks stop together)."""
     return all_reduce_max(torch.tensor([0.0 if ok else 1.0], device=device)).item() == 0
+
+
+def leave_process_groups():
+    """Destroy every process group and drop our reference to the rank-0 group, so that their gloo worker
+    threads are joined now: a group still alive at interpreter shutdown aborts the process there
+    ("terminate called without an active exception") when a worker thread is releasing the tensors of its
+    last operation and cannot take the GIL."""
+    global _rank0_group
+    if is_dist():
+        dist.destroy_process_group()
+    _rank0_group = None
+    gc.collect()
 
 
 def share_from_rank0(value):
