@@ -24,6 +24,7 @@ import torch
 
 import util.fsdp as fsdp
 import util.misc as misc
+from util.flags import Parser
 from util.misc import UserError
 
 torch.serialization.add_safe_globals([argparse.Namespace])  # the saved args, read with weights_only=True
@@ -34,6 +35,12 @@ PROGRESS = "progress.pth"  # in a sharded checkpoint: every entry but the tensor
 
 def path_in(folder):
     return os.path.join(folder, NAME)
+
+
+def run_folder(folder):
+    """The run's folder, for a `folder` that may also be its checkpoint-last.dcp."""
+    folder = os.path.normpath(folder)
+    return (os.path.dirname(folder) or ".") if os.path.basename(folder) == SHARDED else folder
 
 
 def sharded_in(folder):
@@ -176,8 +183,7 @@ def rng_states(device):
 # ----------------------------------------------------------------------------- load
 def load(path):
     """Read a checkpoint (ours or the release's); a missing, truncated or foreign file is a UserError."""
-    run = os.path.dirname(os.path.normpath(path)) if os.path.basename(os.path.normpath(path)) == SHARDED else (
-        path if os.path.isdir(path) else os.path.dirname(path))
+    run = run_folder(path if os.path.isdir(path) else os.path.dirname(path))
     if not os.path.isfile(path) and sharded_in(run):
         raise UserError(f"{run} holds a sharded checkpoint (--sharded_checkpoint), which only training resumes; make "
                         f"the one file from it first: python -m util.checkpoint consolidate {run}")
@@ -340,9 +346,9 @@ def to_resume(args, training):
         if not found:
             return sharded, progress
         ckpt = load(path)  # both: the newer, or at the same point the format --sharded_checkpoint asks for
-        ahead = where_it_continues(ckpt) > where_it_continues(progress)
-        same = where_it_continues(ckpt) == where_it_continues(progress)
-        chosen = (path, ckpt) if ahead or (same and not args.sharded_checkpoint) else (sharded, progress)
+        in_file, in_shards = where_it_continues(ckpt), where_it_continues(progress)
+        same = in_file == in_shards
+        chosen = (path, ckpt) if in_file > in_shards or (same and not args.sharded_checkpoint) else (sharded, progress)
         if misc.is_main_process():
             print(f"--resume {args.resume} holds both {NAME} and {SHARDED}: resuming from {chosen[0]}, "
                   f"{'at the same point' if same else 'the newer'}", flush=True)
@@ -487,8 +493,7 @@ def consolidate(folder, output=None):
     """Write the one file (checkpoint-last.pth, or `output`) from the sharded checkpoint of the run in `folder`,
     read by this process alone (it needs the full state in memory, which training never did). Returns (its path,
     where its run continues)."""
-    if os.path.basename(os.path.normpath(folder)) == SHARDED:
-        folder = os.path.dirname(os.path.normpath(folder)) or "."
+    folder = run_folder(folder)
     sharded = sharded_in(folder)
     if sharded is None:
         raise UserError(f"no sharded checkpoint in {folder} ({SHARDED} with its .metadata and {PROGRESS}): pass the "
@@ -509,7 +514,6 @@ def consolidate(folder, output=None):
 
 
 def main(argv=None):
-    from util.flags import Parser
     parser = Parser(prog="python -m util.checkpoint", description="Checkpoint tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("consolidate", help=f"the one file ({NAME}) from a run's sharded checkpoint ({SHARDED})")
