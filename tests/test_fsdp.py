@@ -285,3 +285,36 @@ def test_fsdp_with_compiled_blocks_trains_as_eager(runs, tmp_path):
         train(folder, runs["data"], 1, *flags, *extra)
     eager, compiled = (losses(f) for f in folders)
     assert len(eager) == 3 and max(abs(a - b) / a for a, b in zip(eager, compiled)) < 1e-5, (eager, compiled)
+
+
+def test_a_folder_with_both_formats_resumes_the_newer(sharded_run, tmp_path, capsys):
+    """A checkpoint-last.pth beside checkpoint-last.dcp: at the same point (consolidated from it), the format
+    --sharded_checkpoint asks for; the file when it is further along."""
+    import main_fractalgen
+    out = str(tmp_path / "both")
+    shutil.copytree(sharded_run, out)
+    assert consolidate(out).returncode == 0
+    shards = os.path.join(out, checkpoint.SHARDED)
+    argv = MODEL_ARGS + ["--fsdp", "--resume", out, "--output_dir", out]
+    for extra, expected in (([], checkpoint.path_in(out)), (["--sharded_checkpoint"], shards)):
+        assert checkpoint.to_resume(main_fractalgen.parse_args(argv + extra), training=True)[0] == expected
+        assert f"resuming from {expected}, at the same point" in capsys.readouterr().out
+    ckpt = checkpoint.load(checkpoint.path_in(out))
+    ckpt["epoch"] += 1
+    checkpoint.atomic_save(ckpt, checkpoint.path_in(out))
+    args = main_fractalgen.parse_args(argv + ["--sharded_checkpoint"])
+    assert checkpoint.to_resume(args, training=True)[0] == checkpoint.path_in(out)
+    assert f"resuming from {checkpoint.path_in(out)}, the newer" in capsys.readouterr().out
+
+
+def test_a_sharded_save_never_writes_through_a_symlink_at_its_temporary_name(runs, tmp_path):
+    """A symlink planted at checkpoint-last.dcp.tmp (one process, --fsdp --sharded_checkpoint): removed, its
+    target left empty, and the checkpoint written in the output folder."""
+    out, target = str(tmp_path / "run"), str(tmp_path / "elsewhere")
+    os.makedirs(out)
+    os.makedirs(target)
+    os.symlink(target, os.path.join(out, checkpoint.SHARDED + ".tmp"))
+    train(out, runs["data"], 1, "--fsdp", "--sharded_checkpoint", "--ema_rate", "0", nproc=1)
+    assert os.listdir(target) == []
+    assert not os.path.lexists(os.path.join(out, checkpoint.SHARDED + ".tmp"))
+    assert checkpoint.load_sharded_progress(os.path.join(out, checkpoint.SHARDED))["epoch"] == 0
